@@ -1,0 +1,287 @@
+"""Token selection by entropy: which response tokens take part in the policy-gradient update.
+
+This is the indicator 1[H_i,t >= tau_rho] of the forking-token objective (paper 1, Eq. 6):
+keep the top-rho fraction of valid response tokens by entropy, and the controls the paper
+and its referee ask for (all tokens, the bottom fraction, a random fraction of equal size).
+
+Choices fixed here, because the paper leaves them implicit:
+
+- *Exactly* k = ceil(rho * N) tokens are kept (top-k, like the authors' code), not "every
+  token at or above a quantile", so ties at the threshold never inflate the count. Among
+  equal entropies the earlier token in row-major order wins, for top and bottom alike.
+- k is computed with decimal arithmetic on the ratio as written (`num_selected`), so
+  rho = 0.55, N = 100 keeps 55 tokens, not the 56 that float `ceil(0.55 * 100)` gives
+  (0.55 * 100 = 55.00000000000001 in binary floating point). The
+  authors' code uses `int(N * rho + 0.9999)`; it agrees with this except where the exact
+  fractional part of rho * N is in (0, 1e-4] (it then rounds down), which needs unusual
+  ratios such as 1e-5.
+- Scope is the caller's: selection happens within the tensor it is given. Pass one
+  micro-batch for the authors' per-device scope; pass `group` for TRL's whole-batch
+  scope across data-parallel ranks, which selects exactly as if every rank's `[B, T]`
+  tensor were concatenated along dim 0 in rank order, without gathering the entropies.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal
+
+import torch
+import torch.distributed as dist
+
+from forkrl.distributed import all_gather_scalars, all_reduce_sum, is_distributed, rank
+
+__all__ = ["STRATEGIES", "TokenSelection", "num_selected", "select_tokens"]
+
+
+@dataclass
+class TokenSelection:
+    """The tokens a strategy kept, plus statistics a trainer can accumulate without host syncs.
+
+    With `group` the counts and means are over all ranks; the mask is always this rank's.
+    """
+
+    mask: torch.Tensor
+    """(B, T) bool: True for kept tokens; always False on padding."""
+    threshold: torch.Tensor
+    """() fp32: the k-th entropy, i.e. the smallest kept entropy for `top`, the largest kept
+    for `bottom`; NaN for `all`, `random`, and when nothing is kept."""
+    num_kept: torch.Tensor
+    """() int64: k, the number of kept tokens."""
+    num_valid: torch.Tensor
+    """() int64: N, the number of valid (non-padding) tokens."""
+    kept_fraction: torch.Tensor
+    """() fp32: k / N (0 when N = 0)."""
+    mean_entropy_kept: torch.Tensor
+    """() fp32: mean entropy of the kept tokens (0 when none)."""
+    mean_entropy_all: torch.Tensor
+    """() fp32: mean entropy of all valid tokens (0 when none)."""
+
+
+def num_selected(num_valid: int, ratio: float, strategy: str) -> int:
+    """How many tokens `strategy` keeps out of `num_valid`: N for `all`, else ceil(ratio * N).
+
+    Exact: the ratio is read as the decimal it is written as (`repr`), so 0.55 * 100 -> 55.
+    The loss normalizer uses this to know the kept count from token counts alone.
+    """
+    _check_strategy(strategy)
+    _check_ratio(ratio)
+    if num_valid < 0:
+        raise ValueError(f"num_valid must be >= 0, got {num_valid}")
+    if strategy == "all":
+        return num_valid
+    # float(ratio) first so that numpy scalars, whose repr is "np.float64(0.2)", work too
+    return math.ceil(Decimal(repr(float(ratio))) * num_valid)
+
+
+def select_tokens(
+    entropy: torch.Tensor,
+    response_mask: torch.Tensor,
+    strategy: str = "top",
+    ratio: float = 0.2,
+    *,
+    group: dist.ProcessGroup | None = None,
+    generator: torch.Generator | None = None,
+) -> TokenSelection:
+    """Select response tokens by entropy.
+
+    Args:
+        entropy: (B, T) per-token entropy, any float dtype (compared in fp32). NaN is not
+            supported (it would order by its bit pattern).
+        response_mask: (B, T) bool or int, nonzero on response tokens, 0 on padding.
+        strategy: `all` (every valid token), `top` (highest-entropy ceil(ratio * N)),
+            `bottom` (lowest-entropy ceil(ratio * N)), `random` (ceil(ratio * N) uniformly
+            at random: the referee's control, same count without entropy).
+        ratio: rho in (0, 1]; ignored by `all` but still validated.
+        group: None selects within this tensor (per micro-batch / per device). A process
+            group (e.g. `torch.distributed.group.WORLD`) selects over all its ranks' tensors
+            at once, as if concatenated along dim 0 in rank order; every rank must call.
+        generator: RNG for `random`, on the device of `entropy`. For a global random
+            selection give each rank a differently seeded generator: the count is exact,
+            but the draws differ from a single-process selection of the concatenation.
+
+    Returns:
+        A `TokenSelection`. Host syncs: one to read N (k must be a Python int to apply the
+        decimal ceil) and one per radix pass inside `torch.bincount` (4 for top/bottom/random).
+    """
+    _check_strategy(strategy)
+    _check_ratio(ratio)
+    if entropy.shape != response_mask.shape:
+        raise ValueError(
+            f"entropy and response_mask must have the same shape, got "
+            f"{tuple(entropy.shape)} and {tuple(response_mask.shape)}"
+        )
+    scope = _Scope(group)
+    # fp32 everywhere; "+ 0.0" turns -0.0 into +0.0 so that the two zeros tie, as they
+    # compare equal (the bit-level keys below would otherwise put -0.0 first)
+    entropy = entropy.detach().float() + 0.0
+    valid = response_mask.bool()
+
+    num_valid = scope.sum(valid.sum())  # (), int64
+    k = num_selected(int(num_valid.item()), ratio, strategy)  # host sync: decimal ceil needs N
+
+    if k == 0:
+        mask = torch.zeros_like(valid)
+        threshold = entropy.new_full((), math.nan)
+    else:
+        mask, threshold = STRATEGIES[strategy](entropy, valid, k, scope, generator)
+
+    # fp64 sums so that the means of 10^8 tokens do not drift; one all-reduce for both
+    # (torch.where rather than boolean indexing, which would sync on the GPU)
+    entropy64 = entropy.double()
+    sums = torch.stack([torch.where(valid, entropy64, 0.0).sum(), torch.where(mask, entropy64, 0.0).sum()])
+    sum_all, sum_kept = scope.sum(sums)
+    num_kept = torch.tensor(k, dtype=torch.int64, device=entropy.device)
+    return TokenSelection(
+        mask=mask,
+        threshold=threshold,
+        num_kept=num_kept,
+        num_valid=num_valid,
+        kept_fraction=(num_kept.double() / num_valid.clamp(min=1)).float(),
+        mean_entropy_kept=(sum_kept / max(k, 1)).float(),
+        mean_entropy_all=(sum_all / num_valid.clamp(min=1)).float(),
+    )
+
+
+# --------------------------------------------------------------------------- strategies
+# Each strategy: (entropy (B, T) fp32, valid (B, T) bool, k >= 1, scope, generator)
+#   -> (mask (B, T) bool, threshold () fp32)
+
+# Keys are unsigned 32-bit integers held in int64; this flips their order.
+_KEY_MAX = 2**32 - 1
+
+
+def _select_all(entropy, valid, k, scope, generator):
+    return valid.clone(), entropy.new_full((), math.nan)
+
+
+def _select_top(entropy, valid, k, scope, generator):
+    mask, tau_key = _top_k_by_key(_float_to_key(entropy), valid, k, scope)
+    return mask, _key_to_float(tau_key)
+
+
+def _select_bottom(entropy, valid, k, scope, generator):
+    # bottom-k is top-k on reversed keys; ties still go to the earlier token
+    mask, tau_key = _top_k_by_key(_KEY_MAX - _float_to_key(entropy), valid, k, scope)
+    return mask, _key_to_float(_KEY_MAX - tau_key)
+
+
+def _select_random(entropy, valid, k, scope, generator):
+    # top-k on i.i.d. uniform keys is a uniform random k-subset, and reuses the exact
+    # distributed top-k; key ties (rare with 32-bit keys) go deterministically by order
+    keys = torch.randint(0, 2**32, entropy.shape, generator=generator, device=entropy.device)
+    mask, _ = _top_k_by_key(keys, valid, k, scope)
+    return mask, entropy.new_full((), math.nan)
+
+
+STRATEGIES: dict[str, Callable] = {
+    "all": _select_all,
+    "top": _select_top,
+    "bottom": _select_bottom,
+    "random": _select_random,
+}
+
+
+# ----------------------------------------------------------------------- exact radix select
+
+_DIGIT_BITS = 8
+_NUM_BUCKETS = 2**_DIGIT_BITS
+
+
+def _float_to_key(x: torch.Tensor) -> torch.Tensor:
+    """Map fp32 to int64 keys in [0, 2^32) whose integer order is the float order.
+
+    IEEE-754 bits order positive floats like integers; negative floats are sign-magnitude,
+    so their order is reversed. Positive: bits + 2^31 (upper half); negative: -1 - bits,
+    where bits (as int32) is negative, which lands in [0, 2^31) with the order flipped.
+    """
+    bits = x.contiguous().view(torch.int32).to(torch.int64)
+    return torch.where(bits >= 0, bits + 2**31, -1 - bits)
+
+
+def _key_to_float(key: torch.Tensor) -> torch.Tensor:
+    """Inverse of `_float_to_key`."""
+    bits = torch.where(key >= 2**31, key - 2**31, -1 - key)
+    return bits.to(torch.int32).view(torch.float32)
+
+
+def _top_k_by_key(
+    keys: torch.Tensor, valid: torch.Tensor, k: int, scope: _Scope
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest valid keys over the scope, ties to the earlier (rank, flat index).
+
+    Args:
+        keys: (B, T) int64 in [0, 2^32).
+        valid: (B, T) bool.
+        k: 1 <= k <= number of valid keys over the scope.
+
+    Returns:
+        mask (B, T) bool with k True over the scope, and tau () int64, the k-th largest key.
+
+    Radix select: fix the key of the k-th largest one 8-bit digit at a time, from the top.
+    Each pass histograms the next digit among the keys that match the digits fixed so
+    far; summing histograms over ranks makes the pass global for 256 counts of traffic
+    instead of gathering every entropy.
+    """
+    shape = valid.shape
+    keys, valid = keys.flatten(), valid.flatten()
+    tau = torch.zeros((), dtype=torch.int64, device=keys.device)  # digits fixed so far
+    remaining = torch.tensor(k, dtype=torch.int64, device=keys.device)  # still to place
+    candidates = valid
+    for shift in range(32 - _DIGIT_BITS, -1, -_DIGIT_BITS):
+        digit = (keys >> shift) & (_NUM_BUCKETS - 1)
+        # non-candidates go to an overflow bucket instead of being dropped by boolean
+        # indexing, which would add a second sync (bincount's own, on CUDA, sizes its output)
+        hist = torch.bincount(torch.where(candidates, digit, _NUM_BUCKETS), minlength=_NUM_BUCKETS + 1)
+        hist = scope.sum(hist[:_NUM_BUCKETS].contiguous())
+        at_or_above = hist.flip(0).cumsum(0).flip(0)  # [d] = #candidates with digit >= d
+        # at_or_above is non-increasing and at_or_above[0] >= remaining, so the k-th
+        # largest digit is the last d with at_or_above[d] >= remaining
+        d = (at_or_above >= remaining).sum() - 1
+        remaining = remaining - (at_or_above[d] - hist[d])  # candidates with a larger digit are kept
+        tau = (tau << _DIGIT_BITS) | d
+        candidates = candidates & (digit == d)
+
+    # every valid key > tau is kept; `remaining` of the keys == tau are kept, first come
+    # first served in (rank, flat index) order
+    above = valid & (keys > tau)
+    ties = valid & (keys == tau)
+    num_ties = ties.sum()
+    ties_per_rank = scope.gather(num_ties)  # (world,)
+    ties_before = ties_per_rank[: scope.rank].sum()
+    take_here = (remaining - ties_before).clamp(min=0, max=num_ties)
+    take = ties & (ties.cumsum(0) <= take_here)
+    return (above | take).view(shape), tau
+
+
+class _Scope:
+    """Reductions over the selection scope: this tensor alone, or every rank of `group`.
+
+    `group=None` must stay local even when torch.distributed is initialized (per-device
+    scope), which is why this does not call the helpers with the default group.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None):
+        self.group = group
+        self.is_global = group is not None and is_distributed(group)
+        self.rank = rank(group) if self.is_global else 0
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(t, self.group) if self.is_global else t
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        return all_gather_scalars(t, self.group) if self.is_global else t.reshape(1)
+
+
+def _check_strategy(strategy: str) -> None:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown selection strategy {strategy!r}; valid: {sorted(STRATEGIES)}")
+
+
+def _check_ratio(ratio: float) -> None:
+    ok = isinstance(ratio, numbers.Real) and not isinstance(ratio, bool) and 0 < ratio <= 1
+    if not ok:  # also rejects NaN, for which every comparison is False
+        raise ValueError(f"selection ratio must be in (0, 1], got {ratio!r}")
