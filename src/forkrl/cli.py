@@ -43,6 +43,79 @@ def info() -> None:
     typer.echo(f"devices       cpu ({torch.get_num_threads()} threads), {cuda} CUDA GPU(s)")
 
 
+@app.command(
+    "train",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": False},
+    epilog="Example: forkrl train configs/qwen3_8b_forking.yaml model.name=Qwen/Qwen3-0.6B-Base optim.lr=2e-6",
+)
+def train(
+    config: str = typer.Argument(None, help="YAML recipe (e.g. configs/qwen3_8b_forking.yaml); omit with --resume."),
+    overrides: list[str] = typer.Argument(None, help="key.sub=value overrides, e.g. selection.ratio=0.1"),
+    resume: str = typer.Option(None, "--resume", help="Continue the run in this directory from its latest checkpoint."),
+) -> None:
+    """Train a causal LM with RLVR (DAPO + forking-token selection, Clip-Cov or KL-Cov)."""
+    from forkrl.config import ConfigError
+    from forkrl.train.trainer import TrainingStopped, run_training
+
+    args = list(overrides or [])
+    if config is not None and "=" in config:  # `forkrl train --resume DIR key=value`
+        args.insert(0, config)
+        config = None
+    if config is None and resume is None and not args:
+        raise typer.BadParameter("give a config file, key=value overrides, or --resume RUN_DIR")
+    try:
+        run_training(config, args, resume=resume)
+    except (ConfigError, TrainingStopped) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+
+
+@app.command(
+    "eval",
+    epilog="Example: forkrl eval --model runs/qwen3_8b_forking/checkpoints/step_000100 "
+    "--data aime24.jsonl --data math500.jsonl -k 16 --out runs/eval",
+)
+def eval_command(
+    model: str = typer.Option(..., "--model", help="Model directory or hub id (e.g. a run's checkpoint)."),
+    data: list[str] = typer.Option(..., "--data", help="Benchmark file (jsonl/parquet/json) or dataset; repeat."),
+    k: int = typer.Option(16, "-k", "--k", help="Samples per question (Acc@k, Len@k)."),
+    max_new_tokens: int = typer.Option(20480, "--max-new-tokens", help="Maximum response length."),
+    temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature (paper: 1.0)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold."),
+    reward: str = typer.Option("math", "--reward", help="Reward function: math or module:function."),
+    question_key: str = typer.Option("question", "--question-key", help="Field with the question."),
+    answer_key: str = typer.Option("answer", "--answer-key", help="Field with the reference answer."),
+    template: str = typer.Option("paper", "--template", help="paper, chat, or a format string with {question}."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Sequences generated at once."),
+    limit: int = typer.Option(None, "--limit", help="Evaluate only the first N questions of each file."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
+    device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+    out: str = typer.Option(None, "--out", help="Directory for eval.json and eval.md."),
+) -> None:
+    """Acc@k and Len@k per benchmark file (the paper's Table 2), as a markdown table and JSON."""
+    from forkrl.eval.accuracy import run_eval_command
+
+    run_eval_command(
+        model,
+        data,
+        k=k,
+        max_new_tokens=max_new_tokens,
+        out=out,
+        temperature=temperature,
+        seed=seed,
+        reward=reward,
+        question_key=question_key,
+        answer_key=answer_key,
+        template=template,
+        batch_size=batch_size,
+        limit=limit,
+        dtype=dtype,
+        device=device,
+        top_p=top_p,
+    )
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,439 @@
+"""The one typed training config: every field documented where it is declared, loaded from YAML.
+
+`load_config("configs/x.yaml", ["selection.ratio=0.1", "optim.lr=2e-6"])` reads the file,
+applies `key.sub=value` overrides (values parsed as YAML), checks every key and value, and
+fails before any work starts with the key, the bad value and what was expected. The
+resolved config is written to the run directory (`dump_config`).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import os
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from forkrl.algo.advantages import ADVANTAGE_ESTIMATORS
+from forkrl.algo.losses import NORMALIZERS, POLICY_LOSSES, SELECTION_SCOPES, LossConfig
+from forkrl.ops.selection import STRATEGIES
+
+
+class ConfigError(ValueError):
+    """A config key or value that cannot be used; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    """The policy: any Hugging Face causal LM."""
+
+    name: str = ""
+    """Hub id (e.g. `Qwen/Qwen3-8B-Base`) or local directory of a causal LM and its tokenizer."""
+    dtype: str = "auto"
+    """Weights dtype: `auto` (bfloat16 on GPU, float32 on CPU), `float32`, `bfloat16`, `float16`."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub repository (off unless you trust it)."""
+    attn_implementation: str | None = None
+    """Attention kernel passed to `from_pretrained` (`sdpa`, `flash_attention_2`, `eager`); None = HF default."""
+    lora_rank: int = 0
+    """LoRA rank; 0 trains all weights. LoRA needs `pip install forkrl[lora]`."""
+    lora_alpha: float = 32.0
+    """LoRA scaling alpha."""
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Module names LoRA adapts."""
+
+
+@dataclass
+class DataConfig:
+    """Where prompts and answers come from."""
+
+    train_files: list[str] = field(default_factory=list)
+    """Training prompts: jsonl, parquet or json files, or `datasets` names / saved directories."""
+    question_key: str = "question"
+    """Field holding the question (dots reach nested fields, e.g. `extra_info.question`)."""
+    answer_key: str = "answer"
+    """Field holding the ground-truth answer."""
+    template: str = "paper"
+    """Prompt template: `paper` (the paper's User/Assistant template), `chat` (tokenizer's chat
+    template) or a format string containing `{question}`."""
+    eval_files: list[str] = field(default_factory=list)
+    """Benchmark files evaluated every `trainer.eval_every` steps (Acc@k, Len@k per file)."""
+    max_prompts: int = 0
+    """Use only the first N training prompts (0 = all)."""
+
+
+@dataclass
+class RewardConfig:
+    """How a response is scored."""
+
+    function: str = "math"
+    """Reward function: `math` (math-verify on the `\\boxed{}` / `Answer:` answer), or `module:function`."""
+    timeout_s: float = 5.0
+    """Time limit of one reward call; a call that runs over scores 0 and is counted."""
+    overlong_shaping: bool = True
+    """DAPO's soft overlong penalty over the last `overlong_cache` tokens before the max length."""
+    overlong_cache: int = 4096
+    """Length of the soft-penalty zone in tokens (paper: 4096 of 20480)."""
+    overlong_penalty: float = 1.0
+    """Penalty at the max length (grows linearly from 0 across the zone)."""
+
+
+@dataclass
+class RolloutConfig:
+    """Sampling responses."""
+
+    prompts_per_step: int = 512
+    """Prompts per training batch (paper: 512)."""
+    group_size: int = 16
+    """Responses sampled per prompt, G (paper: 16)."""
+    max_new_tokens: int = 20480
+    """Maximum response length in tokens (paper: 20480)."""
+    temperature: float = 1.0
+    """Sampling temperature; also the temperature of the training log-probs and entropies (Eq. 1)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (1 = off)."""
+    top_k: int = 0
+    """Top-k sampling (0 = off)."""
+    generation_batch_size: int = 64
+    """Sequences generated at once."""
+    entropy_temperature: list[float] | None = None
+    """Entropy-aware decoding (Eq. 5) as `[T_low, T_high, h]`: T_high where H > h, T_low elsewhere."""
+    dynamic_sampling: bool = True
+    """DAPO dynamic sampling: drop groups whose rewards are all equal and sample more prompts."""
+    max_sampling_rounds: int = 3
+    """Rounds of generation per step before training on a batch that is still short (logged)."""
+
+
+@dataclass
+class SelectionConfig:
+    """Which tokens carry the policy gradient (paper Eq. 6)."""
+
+    strategy: str = "top"
+    """`top` (forking tokens: highest entropy), `all`, `bottom` (lowest entropy), `random` (control)."""
+    ratio: float = 0.2
+    """ρ: fraction of response tokens kept, exactly ⌈ρ·N⌉ (paper: 0.2)."""
+    scope: str = "microbatch"
+    """Tokens ranked together: `microbatch` (authors' code), `batch` (the optimizer step on this
+    process), `global` (the optimizer step on all processes, TRL's choice)."""
+    entropy_source: str = "current"
+    """Entropy used for ranking: `current` policy in the update pass (authors' code) or `old` policy."""
+
+
+@dataclass
+class AdvantageConfig:
+    estimator: str = "grpo"
+    """`grpo` (mean/std), `dr_grpo` (no std) or `rloo` (leave-one-out)."""
+    std_eps: float = 1e-6
+    """Added to the group std (GRPO)."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    """Learning rate (paper: 1e-6, constant)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    schedule: str = "constant"
+    """LR schedule after warmup: `constant`, `linear` or `cosine` (decay to 0 at `trainer.total_steps`)."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warmup."""
+    grad_clip: float = 1.0
+    """Max global gradient norm (0 = no clipping)."""
+    mini_batch_size: int = 32
+    """Prompts per optimizer step; a batch of `prompts_per_step` gives prompts_per_step / mini_batch_size
+    steps (paper: 32 → 16 steps)."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward pass (gradient accumulation inside a mini-batch)."""
+    epochs: int = 1
+    """Passes over each batch."""
+
+
+@dataclass
+class TrainerConfig:
+    total_steps: int = 100
+    """Training batches (rollout + update rounds) to run."""
+    save_every: int = 50
+    """Checkpoint every N steps (and at the end); 0 = only at the end."""
+    keep_checkpoints: int = 2
+    """Most recent checkpoints kept on disk."""
+    eval_every: int = 0
+    """Evaluate on `data.eval_files` every N steps (0 = off)."""
+    eval_samples: int = 16
+    """k of Acc@k / Len@k: samples per question at evaluation (paper: 16 at T = 1)."""
+    eval_max_new_tokens: int = 0
+    """Max response length at evaluation (0 = `rollout.max_new_tokens`)."""
+    log_samples: int = 4
+    """Completions per step written to `samples.jsonl`."""
+    max_bad_steps: int = 3
+    """Consecutive steps with a NaN/inf loss or gradient before the run stops."""
+    device: str = "auto"
+    """`auto` (CUDA if available), `cpu` or `cuda`."""
+    tensorboard: bool = True
+    """Write TensorBoard events when tensorboard is installed."""
+    wandb_project: str | None = None
+    """Log to this Weights & Biases project (needs `pip install forkrl[wandb]`)."""
+
+
+@dataclass
+class Config:
+    """A whole training run."""
+
+    seed: int = 0
+    """Seed of every random choice: data order, sampling, random selection, init of new heads."""
+    output_dir: str = "runs/forkrl"
+    """Run directory: resolved config, metrics.jsonl, samples.jsonl, checkpoints, TensorBoard events."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a config from nested dicts, with exact error messages.
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp` (int, float, bool, str, list[...], X | None)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)) and item_tp is str and isinstance(value, str):
+            value = [value]  # a single path is a list of one
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads "1e-6" as a string
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key {prefix}{key}{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, tp, f"{prefix}{key}")
+    try:
+        return cls(**kwargs)
+    except ValueError as err:  # e.g. LossConfig's own checks
+        raise ConfigError(f"{prefix.rstrip('.')}: {err}") from err
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def _validate(cfg: Config, check_files: bool) -> None:
+    """Range checks that name the key and the expected range."""
+
+    def need(ok: bool, key: str, expected: str) -> None:
+        if not ok:
+            value = cfg
+            for part in key.split("."):
+                value = getattr(value, part)
+            raise ConfigError(f"{key} = {value!r}: expected {expected}")
+
+    s, r, o, t = cfg.selection, cfg.rollout, cfg.optim, cfg.trainer
+    need(s.strategy in STRATEGIES, "selection.strategy", f"one of {sorted(STRATEGIES)}")
+    need(0.0 < s.ratio <= 1.0, "selection.ratio", "a fraction in (0, 1]")
+    need(s.scope in SELECTION_SCOPES, "selection.scope", f"one of {list(SELECTION_SCOPES)}")
+    need(s.entropy_source in ("current", "old"), "selection.entropy_source", "current or old")
+    need(
+        cfg.advantage.estimator in ADVANTAGE_ESTIMATORS, "advantage.estimator", f"one of {sorted(ADVANTAGE_ESTIMATORS)}"
+    )
+    need(cfg.loss.policy_loss in POLICY_LOSSES, "loss.policy_loss", f"one of {sorted(POLICY_LOSSES)}")
+    need(cfg.loss.normalizer in NORMALIZERS, "loss.normalizer", f"one of {sorted(NORMALIZERS)}")
+    need(o.lr > 0, "optim.lr", "a positive learning rate")
+    need(o.weight_decay >= 0, "optim.weight_decay", ">= 0")
+    need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "two numbers in [0, 1)")
+    need(o.schedule in ("constant", "linear", "cosine"), "optim.schedule", "constant, linear or cosine")
+    need(o.warmup_steps >= 0, "optim.warmup_steps", ">= 0")
+    need(o.grad_clip >= 0, "optim.grad_clip", ">= 0 (0 disables clipping)")
+    need(o.mini_batch_size >= 1, "optim.mini_batch_size", ">= 1 prompt")
+    need(o.micro_batch_size >= 1, "optim.micro_batch_size", ">= 1 sequence")
+    need(o.epochs >= 1, "optim.epochs", ">= 1")
+    need(r.prompts_per_step >= 1, "rollout.prompts_per_step", ">= 1")
+    need(
+        r.prompts_per_step % o.mini_batch_size == 0,
+        "optim.mini_batch_size",
+        f"a divisor of rollout.prompts_per_step ({r.prompts_per_step})",
+    )
+    need(r.group_size >= 2, "rollout.group_size", ">= 2 responses per prompt (advantages are group-relative)")
+    need(r.max_new_tokens >= 1, "rollout.max_new_tokens", ">= 1")
+    need(r.temperature > 0, "rollout.temperature", "> 0")
+    need(0 < r.top_p <= 1, "rollout.top_p", "in (0, 1]")
+    need(r.top_k >= 0, "rollout.top_k", ">= 0")
+    need(r.generation_batch_size >= 1, "rollout.generation_batch_size", ">= 1")
+    need(r.max_sampling_rounds >= 1, "rollout.max_sampling_rounds", ">= 1")
+    need(
+        r.entropy_temperature is None or (len(r.entropy_temperature) == 3 and min(r.entropy_temperature[:2]) > 0),
+        "rollout.entropy_temperature",
+        "[T_low, T_high, h] with positive temperatures",
+    )
+    need(cfg.reward.timeout_s > 0, "reward.timeout_s", "> 0 seconds")
+    need(
+        not cfg.reward.overlong_shaping or 0 < cfg.reward.overlong_cache <= r.max_new_tokens,
+        "reward.overlong_cache",
+        f"in (0, rollout.max_new_tokens = {r.max_new_tokens}]",
+    )
+    need(
+        cfg.model.dtype in ("auto", "float32", "bfloat16", "float16"),
+        "model.dtype",
+        "auto, float32, bfloat16 or float16",
+    )
+    need(cfg.model.lora_rank >= 0, "model.lora_rank", ">= 0")
+    need(t.total_steps >= 1, "trainer.total_steps", ">= 1")
+    need(t.save_every >= 0, "trainer.save_every", ">= 0")
+    need(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", ">= 1")
+    need(t.eval_every >= 0, "trainer.eval_every", ">= 0")
+    need(t.eval_samples >= 1, "trainer.eval_samples", ">= 1")
+    need(t.max_bad_steps >= 1, "trainer.max_bad_steps", ">= 1")
+    need(t.device in ("auto", "cpu", "cuda"), "trainer.device", "auto, cpu or cuda")
+    if check_files:
+        need(bool(cfg.model.name), "model.name", "a hub id or a local model directory")
+        need(bool(cfg.data.train_files), "data.train_files", "at least one prompt file or dataset")
+        for key in ("train_files", "eval_files"):
+            for i, path in enumerate(getattr(cfg.data, key)):
+                looks_local = path.endswith((".jsonl", ".json", ".parquet")) or os.sep in path or path.startswith(".")
+                if looks_local and not os.path.exists(path):
+                    raise ConfigError(f"data.{key}[{i}] = {path!r}: file not found")
+
+
+def config_from_dict(data: dict, overrides: list[str] | None = None, check_files: bool = True) -> Config:
+    """Build and validate a `Config` from a nested dict plus `key.sub=value` overrides."""
+    data = dict(data or {})
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. selection.ratio=0.1")
+        key, raw = item.split("=", 1)
+        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    cfg = _build(Config, data, "")
+    _validate(cfg, check_files)
+    return cfg
+
+
+def load_config(path: str | None, overrides: list[str] | None = None, check_files: bool = True) -> Config:
+    """Read a YAML recipe (or start from defaults when `path` is None) and apply overrides."""
+    data: dict = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as err:
+                raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of config sections at the top level")
+    return config_from_dict(data, overrides, check_files)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config) -> str:
+    """YAML text of the fully resolved config (every field, defaults included)."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The config reference in the README is generated from the field docstrings above.
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings (the string literal right after a field) of a dataclass."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def config_reference_markdown() -> str:
+    """A markdown table per config section: key, default, meaning."""
+    out = []
+
+    def section(cls: type, prefix: str, default: Any) -> None:
+        docs = _field_docs(cls)
+        rows = []
+        nested = []
+        for f in dataclasses.fields(cls):
+            value = getattr(default, f.name)
+            if dataclasses.is_dataclass(value):
+                nested.append((type(value), f"{prefix}{f.name}.", value))
+                continue
+            shown = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+            rows.append(f"| `{prefix}{f.name}` | `{shown}` | {docs.get(f.name, '')} |")
+        if rows:
+            title = prefix.rstrip(".") or "top level"
+            out.append(f"**{title}**\n\n| key | default | meaning |\n|---|---|---|\n" + "\n".join(rows) + "\n")
+        for sub in nested:
+            section(*sub)
+
+    section(Config, "", Config())
+    return "\n".join(out)

@@ -1,0 +1,416 @@
+"""Log-probabilities and entropies of sampled tokens, computed chunk by chunk to bound memory.
+
+Every RL loss in forkrl needs, per response token t, the log-probability of the sampled
+token and the entropy of the whole next-token distribution (SPEC Eq. 1):
+
+    p_t = softmax(z_t / T),   log π(o_t) = log p_t[o_t],   H_t = -Σ_j p_t,j log p_t,j
+
+The textbook way (`naive_logprobs_and_entropy`) materializes a float32 `[tokens, vocab]`
+log-softmax, keeps it for backward, and allocates a gradient of the same size. With a
+150k vocabulary and 16k response tokens that is ~10 GB per tensor. Two memory-lean paths:
+
+- `token_logprobs_and_entropy(logits, ...)`: the logits already exist (e.g. HF model
+  output); rows are upcast and reduced one chunk at a time and only per-row statistics
+  (logsumexp, entropy) are saved, so no full float32 copy is ever alive.
+- `fused_linear_logprobs_and_entropy(hidden, weight, ...)`: the logits never exist at
+  all; each chunk of rows is projected through the LM head, reduced, and dropped, and
+  backward recomputes it (one extra matmul traded for O(chunk × vocab) memory).
+
+Both are custom `torch.autograd.Function`s with hand-written backward passes. With
+z = logits / T, p = softmax(z) and H the entropy (derivations in `_tile_grad_z_`):
+
+    ∂ log p_y / ∂z_j = 1[j = y] - p_j
+    ∂ H / ∂z_j       = -p_j (log p_j + H)
+
+and ∂/∂logits = (∂/∂z) / T. Gradients flow through both outputs, so an entropy bonus
+(or penalty) can be added to the loss.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+__all__ = [
+    "CPU_TILE_ELEMENTS",
+    "DEFAULT_CHUNK_ELEMENTS",
+    "default_chunk_rows",
+    "fused_linear_logprobs_and_entropy",
+    "naive_logprobs_and_entropy",
+    "token_logprobs_and_entropy",
+]
+
+# Rows per chunk are chosen so that one float32 [rows, vocab] block holds about this many
+# elements (64 MiB): small next to a full [tokens, vocab] tensor (a few hundred rows at a
+# 64k-152k vocabulary), yet big enough that the LM-head matmul of the fused path and the
+# GPU reductions run at full speed. Tuned with benchmarks/logprob_entropy.py.
+DEFAULT_CHUNK_ELEMENTS = 16 * 1024 * 1024
+
+# On CPU the softmax/entropy passes are bound by memory traffic: a tile of rows that stays
+# in cache (8 MiB of float32) runs them ~4x faster than a 64 MiB block that spills to RAM,
+# so CPU reductions always work through tiles of this size.
+CPU_TILE_ELEMENTS = 2 * 1024 * 1024
+
+# log p below this has p = exp(log p) == 0 exactly in float32 and float64 (exp underflows
+# below about -104 and -745), so clamping there changes no term of H or of its gradient;
+# it only turns 0 · (-inf) = nan into 0 for masked (-inf) logits.
+_LOGP_FLOOR = -1000.0
+
+
+def _rows_for(elements: int, vocab_size: int) -> int:
+    rows = max(1, elements // max(1, vocab_size))
+    # Multiples of 8 keep GPU matmul tiles aligned; irrelevant below 8 rows.
+    return rows - rows % 8 if rows >= 8 else rows
+
+
+def default_chunk_rows(vocab_size: int, device: torch.device | str = "cpu", *, fused: bool = False) -> int:
+    """The default `chunk_size` (rows processed at once) for a vocabulary and device.
+
+    Fused chunks (rows per LM-head matmul) and all CUDA chunks hold ~DEFAULT_CHUNK_ELEMENTS;
+    CPU chunks of existing logits hold ~CPU_TILE_ELEMENTS, the size that stays in cache
+    (fused CPU chunks are reduced through such tiles internally).
+    """
+    if fused or torch.device(device).type != "cpu":
+        return _rows_for(DEFAULT_CHUNK_ELEMENTS, vocab_size)
+    return _rows_for(CPU_TILE_ELEMENTS, vocab_size)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else is reduced in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _row_slices(num_rows: int, step: int):
+    return (slice(start, start + step) for start in range(0, num_rows, step))
+
+
+def _scaled_logits(logits: torch.Tensor, temperature: float, dtype: torch.dtype) -> torch.Tensor:
+    """A fresh `dtype` copy of `logits / T`: `[t, V]` any float dtype -> `[t, V]` `dtype`."""
+    z = logits.to(dtype, copy=True)
+    return z.div_(temperature) if temperature != 1.0 else z
+
+
+def _tile_stats(z: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-prob of the target, entropy and logsumexp of each row. Overwrites `z`.
+
+    Args:
+        z: `[t, V]` scaled logits in the compute dtype (consumed: becomes scratch).
+        targets: `[t]` int64 token ids in `[0, V)`.
+
+    Returns:
+        logprobs `[t]`, entropy `[t]`, lse `[t]`, all in `z.dtype`.
+    """
+    lse = torch.logsumexp(z, dim=-1)  # (t,)
+    logp = z.sub_(lse.unsqueeze(-1))  # (t, V) log p, in place
+    logprobs = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    logp.clamp_min_(_LOGP_FLOOR)
+    entropy = logp.exp().mul_(logp).sum(-1).neg_()  # -Σ p log p
+    return logprobs, entropy, lse
+
+
+def _tile_grad_z_(
+    z: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    grad_logprobs: torch.Tensor | None,
+    grad_entropy: torch.Tensor | None,
+) -> torch.Tensor:
+    """Gradient of `Σ g_lp · log p_y + g_H · H` w.r.t. the scaled logits z, written into `z`.
+
+    With log p_j = z_j - lse and ∂lse/∂z_j = p_j:
+        ∂ log p_y / ∂z_j = 1[j = y] - p_j
+        ∂ H / ∂z_j = -Σ_k (∂p_k/∂z_j)(log p_k + 1) = -p_j (log p_j + H)
+    so grad_z = -p · (g_lp + g_H (log p + H)) + g_lp · onehot(y).
+
+    Args:
+        z: `[t, V]` scaled logits in the compute dtype (overwritten with the gradient).
+        targets: `[t]` int64.
+        lse, entropy: `[t]` per-row statistics saved by the forward pass.
+        grad_logprobs, grad_entropy: `[t]` upstream gradients in z's dtype, or None when
+            that output does not reach the loss.
+
+    Returns:
+        `z`, now holding the `[t, V]` gradient w.r.t. the scaled logits.
+    """
+    logp = z.sub_(lse.unsqueeze(-1))  # (t, V)
+    p = logp.exp()  # (t, V)
+    if grad_entropy is not None:
+        coeff = logp.clamp_min_(_LOGP_FLOOR).add_(entropy.unsqueeze(-1)).mul_(grad_entropy.unsqueeze(-1))
+        if grad_logprobs is not None:
+            coeff.add_(grad_logprobs.unsqueeze(-1))
+        grad = coeff.mul_(p).neg_()
+    else:
+        grad = torch.mul(p, grad_logprobs.neg().unsqueeze(-1), out=z)
+    if grad_logprobs is not None:
+        grad.scatter_add_(-1, targets.unsqueeze(-1), grad_logprobs.unsqueeze(-1))
+    return grad
+
+
+def _forward_rows(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float, tile_rows: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row logprobs, entropy and lse of `[R, V]` logits (any dtype; left untouched).
+
+    Each tile of `tile_rows` rows is upcast on its own, so at most one float32 tile
+    (plus its temporaries) is alive at a time.
+
+    Returns:
+        logprobs `[R]`, entropy `[R]`, lse `[R]` in the compute dtype.
+    """
+    dtype = _compute_dtype(logits.dtype)
+    num_rows = logits.shape[0]
+    logprobs = logits.new_empty(num_rows, dtype=dtype)
+    entropy = logits.new_empty(num_rows, dtype=dtype)
+    lse = logits.new_empty(num_rows, dtype=dtype)
+    for rows in _row_slices(num_rows, tile_rows):
+        z = _scaled_logits(logits[rows], temperature, dtype)
+        logprobs[rows], entropy[rows], lse[rows] = _tile_stats(z, targets[rows])
+    return logprobs, entropy, lse
+
+
+def _backward_rows(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    grad_logprobs: torch.Tensor | None,
+    grad_entropy: torch.Tensor | None,
+    temperature: float,
+    tile_rows: int,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Write ∂(Σ g_lp · logp + g_H · H)/∂logits for `[R, V]` logits into `out`, tile by tile.
+
+    `out` (`[R, V]`, any float dtype) may be `logits` itself: each tile is read before it
+    is overwritten, which lets the fused path reuse its logits block for the gradient.
+    """
+    dtype = lse.dtype
+    for rows in _row_slices(logits.shape[0], tile_rows):
+        z = _scaled_logits(logits[rows], temperature, dtype)
+        grad_z = _tile_grad_z_(
+            z,
+            targets[rows],
+            lse[rows],
+            entropy[rows],
+            None if grad_logprobs is None else grad_logprobs[rows].to(dtype),
+            None if grad_entropy is None else grad_entropy[rows].to(dtype),
+        )
+        # z = logits / T, so ∂/∂logits = ∂/∂z / T; copy_ casts to out's dtype.
+        out[rows].copy_(grad_z.div_(temperature) if temperature != 1.0 else grad_z)
+    return out
+
+
+class _ChunkedLogprobsEntropy(torch.autograd.Function):
+    """Autograd Function over `[R, V]` logits; saves only the logits and `[R]` statistics."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, temperature, chunk_rows):
+        logprobs, entropy, lse = _forward_rows(logits, targets, temperature, chunk_rows)
+        ctx.save_for_backward(logits, targets, lse, entropy)
+        ctx.temperature, ctx.chunk_rows = temperature, chunk_rows
+        # An unused output gets None instead of a zero tensor, so its term can be skipped.
+        ctx.set_materialize_grads(False)
+        return logprobs, entropy
+
+    @staticmethod
+    @once_differentiable  # the hand-written backward is not itself differentiable
+    def backward(ctx, grad_logprobs, grad_entropy):
+        if grad_logprobs is None and grad_entropy is None:
+            return None, None, None, None
+        logits, targets, lse, entropy = ctx.saved_tensors
+        grad_logits = _backward_rows(
+            logits,
+            targets,
+            lse,
+            entropy,
+            grad_logprobs,
+            grad_entropy,
+            ctx.temperature,
+            ctx.chunk_rows,
+            out=torch.empty_like(logits),
+        )
+        return grad_logits, None, None, None
+
+
+def token_logprobs_and_entropy(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of each target token and entropy of each distribution, from logits.
+
+    Rows are upcast and reduced `chunk_size` at a time, so neither forward nor backward
+    holds a full float32 `[tokens, V]` tensor; backward writes one gradient tensor in the
+    logits' dtype. Numerically stable (logsumexp-shifted) for any input dtype; -inf
+    logits (masked vocabulary entries) are allowed as long as each row has a finite one.
+
+    Args:
+        logits: `[..., V]` float16 / bfloat16 / float32 / float64.
+        targets: `[...]` int64 token ids in `[0, V)` (replace padding ids before calling).
+        temperature: T in p = softmax(logits / T); use the sampling temperature.
+        chunk_size: rows per chunk; default `default_chunk_rows(V, logits.device)`.
+
+    Returns:
+        logprobs `[...]` and entropy `[...]`, float64 for float64 logits, else float32.
+        Both are differentiable w.r.t. `logits`.
+    """
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} disagree")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    vocab_size = logits.shape[-1]
+    chunk_rows = chunk_size or default_chunk_rows(vocab_size, logits.device)
+    flat_logits = logits.reshape(-1, vocab_size)  # (R, V)
+    flat_targets = targets.reshape(-1)  # (R,)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        logprobs, entropy = _ChunkedLogprobsEntropy.apply(flat_logits, flat_targets, temperature, chunk_rows)
+    else:
+        logprobs, entropy, _ = _forward_rows(flat_logits, flat_targets, temperature, chunk_rows)
+    return logprobs.view(targets.shape), entropy.view(targets.shape)
+
+
+def _project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`hidden @ weight.T + bias`: `[c, H]`, `[V, H]`, `[V]` -> `[c, V]` in the input dtype."""
+    if bias is None:
+        return hidden @ weight.t()
+    return torch.addmm(bias, hidden, weight.t())
+
+
+class _FusedLinearLogprobsEntropy(torch.autograd.Function):
+    """Autograd Function from hidden states; logits exist one `[chunk, V]` block at a time."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_rows, tile_rows):
+        dtype = _compute_dtype(hidden.dtype)
+        num_rows = hidden.shape[0]
+        logprobs = hidden.new_empty(num_rows, dtype=dtype)
+        entropy = hidden.new_empty(num_rows, dtype=dtype)
+        lse = hidden.new_empty(num_rows, dtype=dtype)
+        for rows in _row_slices(num_rows, chunk_rows):
+            logits = _project(hidden[rows], weight, bias)  # (c, V), dropped after the chunk
+            logprobs[rows], entropy[rows], lse[rows] = _forward_rows(logits, targets[rows], temperature, tile_rows)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+        ctx.temperature, ctx.chunk_rows, ctx.tile_rows = temperature, chunk_rows, tile_rows
+        ctx.set_materialize_grads(False)
+        return logprobs, entropy
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_logprobs, grad_entropy):
+        if grad_logprobs is None and grad_entropy is None:
+            return (None,) * 7
+        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        acc_dtype = lse.dtype
+        # Weight and bias gradients sum over every chunk; summing low-precision partial
+        # products in bf16/fp16 would lose the small ones, so accumulate in the compute dtype.
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=acc_dtype) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=acc_dtype) if need_bias else None
+        for rows in _row_slices(hidden.shape[0], ctx.chunk_rows):
+            h = hidden[rows]  # (c, H)
+            logits = _project(h, weight, bias)  # (c, V) recomputed, then overwritten by its gradient
+            grad_logits = _backward_rows(
+                logits,
+                targets[rows],
+                lse[rows],
+                entropy[rows],
+                None if grad_logprobs is None else grad_logprobs[rows],
+                None if grad_entropy is None else grad_entropy[rows],
+                ctx.temperature,
+                ctx.tile_rows,
+                out=logits,
+            )  # (c, V) in the matmul dtype
+            if need_hidden:
+                grad_hidden[rows] = grad_logits @ weight  # (c, H)
+            if need_weight:
+                if grad_weight.dtype == grad_logits.dtype:
+                    grad_weight.addmm_(grad_logits.t(), h)  # (V, H)
+                else:
+                    grad_weight.add_(grad_logits.t() @ h)
+            if need_bias:
+                grad_bias.add_(grad_logits.sum(0, dtype=acc_dtype))
+        if need_weight:
+            grad_weight = grad_weight.to(weight.dtype)
+        if need_bias:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
+def fused_linear_logprobs_and_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs and entropies straight from the last hidden states, never forming logits.
+
+    Equivalent to `token_logprobs_and_entropy(hidden @ weight.T + bias, targets, T)`, but
+    forward and backward both work on `chunk_size` rows of logits at a time, so peak extra
+    memory is O(chunk_size × V) instead of O(N × V). Backward recomputes each chunk's
+    logits (one extra `[c, H] @ [H, V]` matmul) and reuses that block for their gradient.
+    Matmuls run in the input dtype (bf16 on GPU); softmax math runs in float32 (float64
+    for float64 inputs); weight and bias gradients are accumulated over chunks in float32
+    and cast back (for bf16/fp16 weights this holds one float32 `[V, H]` buffer).
+
+    `weight` is whatever the model's LM head uses (`model.lm_head.weight`, which may be
+    tied to the input embedding; the gradient lands on the shared tensor either way).
+
+    Args:
+        hidden: `[..., H]` final hidden states (after the last norm), same dtype as weight.
+        weight: `[V, H]` LM-head weight.
+        targets: `[...]` int64 token ids in `[0, V)`, matching `hidden.shape[:-1]`.
+        bias: optional `[V]` LM-head bias.
+        temperature: T in p = softmax(logits / T).
+        chunk_size: rows per LM-head matmul; default `default_chunk_rows(V, fused=True)`.
+
+    Returns:
+        logprobs `[...]` and entropy `[...]`, float64 for float64 inputs, else float32;
+        differentiable w.r.t. `hidden`, `weight` and `bias`.
+    """
+    if hidden.shape[:-1] != targets.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} disagree")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight {tuple(weight.shape)} is not [V, {hidden.shape[-1]}]")
+    if hidden.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
+        raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) dtypes must match")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    vocab_size = weight.shape[0]
+    chunk_rows = chunk_size or default_chunk_rows(vocab_size, hidden.device, fused=True)
+    # Each matmul block is reduced in tiles (cache-sized on CPU; the whole block on GPU).
+    tile_rows = min(chunk_rows, default_chunk_rows(vocab_size, hidden.device))
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
+    flat_targets = targets.reshape(-1)  # (N,)
+    logprobs, entropy = _FusedLinearLogprobsEntropy.apply(
+        flat_hidden, weight, bias, flat_targets, temperature, chunk_rows, tile_rows
+    )
+    return logprobs.view(targets.shape), entropy.view(targets.shape)
+
+
+def naive_logprobs_and_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference implementation: a full-size log_softmax, differentiated by autograd.
+
+    Used by the tests as ground truth and by the benchmark as the baseline. It keeps
+    several float32 `[..., V]` tensors alive (log_softmax output, probabilities, and
+    their gradients), which is exactly what the chunked functions avoid. -inf logits
+    give nan entropy here (0 · -inf); use a large negative finite value instead.
+
+    Args:
+        logits: `[..., V]` any float dtype (upcast to float32, or kept float64).
+        targets: `[...]` int64.
+        temperature: T in p = softmax(logits / T).
+
+    Returns:
+        logprobs `[...]`, entropy `[...]` in float32 (float64 for float64 logits).
+    """
+    logp = torch.log_softmax(logits.to(_compute_dtype(logits.dtype)) / temperature, dim=-1)  # (..., V)
+    logprobs = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return logprobs, entropy

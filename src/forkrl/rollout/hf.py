@@ -1,0 +1,280 @@
+"""Generation backend on Hugging Face `model.generate`: batched, KV-cached, seeded, with sampler stats.
+
+How the per-token statistics are obtained: instead of asking `generate` for `output_scores` /
+`output_logits` (which keeps a `[B, V]` tensor for every step, i.e. `R·B·V` floats — 300 GB for
+B = 64, R = 8k, V = 150k), we hand `generate` our own processor chain and record what we need as the
+scores flow through it, one vectorised op per step over the batch:
+
+    raw logits -> temperature (or entropy-aware temperature) -> [record entropy] -> top-k -> top-p
+               -> [record log-normaliser of the final scores] -> [seeded Gumbel-max, with row_seeds]
+
+The sampled token of step t is only known at step t + 1 (it is then the last column of
+`input_ids`), so its log-prob is gathered then from the kept final scores of step t; the last step
+is gathered after `generate` returns. Peak extra memory is one `[B, V]` tensor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from forkrl.models.loading import unwrap_peft
+from forkrl.rollout.base import Prompts, Rollout, SamplingParams
+from forkrl.rollout.entropy_temperature import EntropyAwareTemperature, entropy_of_logits
+from forkrl.rollout.seeded_sampling import SeededGumbelSampler
+
+
+class HFGenerationBackend:
+    """Sample with the in-process training model through `model.generate`.
+
+    Args:
+        model: a causal LM (possibly `peft`-wrapped); sampling runs in eval mode and restores the mode.
+        tokenizer: used to tokenize text prompts and for the pad/EOS ids.
+        batch_size: sequences per `generate` call; larger batches are split into chunks.
+        eos_token_ids: tokens that end a response; default: the tokenizer's EOS plus those in
+            `model.generation_config` (chat models often have several, e.g. `<|im_end|>`).
+
+    Seeding: with `SamplingParams.seed` set, generation runs inside `torch.random.fork_rng` after
+    `torch.manual_seed(seed)` (HF samples with `torch.multinomial` on the global generator, which
+    takes no `generator=` argument). Same seed, prompts and batch size give the same tokens, and
+    the caller's RNG state is left untouched.
+
+    With `SamplingParams.row_seeds` set, the last processor picks each row's token by Gumbel-max
+    with noise hashed from (row seed, step, token id) and hands `generate` a one-hot distribution
+    (see `seeded_sampling`), so a row's tokens do not depend on `batch_size`, on the other prompts
+    or on their order. Its cost is one `[B, V]` int64 hash per step. The caller's RNG state is left
+    untouched here too (the one-hot multinomial draw still advances a forked generator).
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        batch_size: int = 64,
+        eos_token_ids: Sequence[int] | None = None,
+    ):
+        if tokenizer.pad_token_id is None:
+            raise ValueError("tokenizer needs a pad token (load_policy sets pad = EOS when missing)")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.pad_token_id = tokenizer.pad_token_id
+        self.eos_token_ids = list(eos_token_ids) if eos_token_ids is not None else _default_eos_ids(model, tokenizer)
+        if not self.eos_token_ids:
+            raise ValueError("no EOS token id found; pass eos_token_ids")
+
+    def update_weights(self, model: torch.nn.Module) -> None:
+        """In-process: generation already uses the training weights; just track the object."""
+        self.model = model
+
+    def generate(self, prompts: Prompts, params: SamplingParams) -> Rollout:
+        """Sample one response per prompt. Prompts are text (tokenized with the tokenizer's defaults,
+        so a BOS is added where the model expects one) or lists of token ids."""
+        if len(prompts) == 0:
+            raise ValueError("no prompts")
+        if params.row_seeds is not None and len(params.row_seeds) != len(prompts):
+            raise ValueError(f"{len(params.row_seeds)} row_seeds for {len(prompts)} prompts")
+        prompt_ids = self._tokenize(prompts)
+        device = next(self.model.parameters()).device
+        seeded = params.seed is not None or params.row_seeds is not None
+        rng = (
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+            if seeded
+            else contextlib.nullcontext()
+        )
+        with rng, _sampling_mode(self.model):
+            if params.seed is not None:
+                torch.manual_seed(params.seed)
+            chunks = []
+            for i in range(0, len(prompt_ids), self.batch_size):
+                # A chunk's rows keep their own seeds: slice them along with the prompts.
+                seeds = None if params.row_seeds is None else params.row_seeds[i : i + self.batch_size]
+                chunks.append(self._generate_batch(prompt_ids[i : i + self.batch_size], params, device, seeds))
+        return chunks[0] if len(chunks) == 1 else Rollout.cat(chunks, self.pad_token_id)
+
+    def _tokenize(self, prompts: Prompts) -> list[list[int]]:
+        if isinstance(prompts[0], str):
+            ids = self.tokenizer(list(prompts))["input_ids"]
+        else:
+            ids = [list(map(int, p)) for p in prompts]
+        if any(len(p) == 0 for p in ids):
+            raise ValueError("empty prompt")
+        return ids
+
+    def _generate_batch(
+        self, prompts: list[list[int]], params: SamplingParams, device, row_seeds: list[int] | None
+    ) -> Rollout:
+        # Left padding keeps every prompt flush against its response, so step t of every row is the
+        # same column and the KV cache stays rectangular.
+        B, P = len(prompts), max(len(p) for p in prompts)
+        prompt_ids = torch.full((B, P), self.pad_token_id, dtype=torch.long)
+        prompt_mask = torch.zeros((B, P), dtype=torch.long)
+        for row, p in enumerate(prompts):
+            prompt_ids[row, P - len(p) :] = torch.tensor(p, dtype=torch.long)
+            prompt_mask[row, P - len(p) :] = 1
+        prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+
+        recorder = _SamplerStatsRecorder()
+        processors = _build_processors(params, recorder)
+        seeds = None if row_seeds is None else torch.tensor(row_seeds, dtype=torch.long, device=device)
+        if seeds is not None:
+            # After the recorder: the Gumbel-max draw is from the recorded final scores' softmax.
+            processors.append(SeededGumbelSampler(seeds, prompt_len=P))
+        # The warpers live in our processor list, so generate's own must be neutral:
+        # do_sample with T = 1, top_k = 0, top_p = 1 adds none of them.
+        gen_config = GenerationConfig(
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=params.max_new_tokens,
+            eos_token_id=self.eos_token_ids,
+            pad_token_id=self.pad_token_id,
+            use_cache=True,
+        )
+        with _neutral_model_generation_config(self.model):
+            sequences = self.model.generate(
+                input_ids=prompt_ids,
+                attention_mask=prompt_mask,
+                generation_config=gen_config,
+                logits_processor=processors,
+            )
+        response_ids = sequences[:, P:]
+        logprobs, entropy = recorder.finish(response_ids)
+
+        # Valid = no EOS strictly before this position; the EOS itself is kept (it is a decision).
+        is_eos = torch.isin(response_ids, torch.tensor(self.eos_token_ids, device=device))
+        response_mask = ((is_eos.long().cumsum(-1) - is_eos.long()) == 0).long()
+        return Rollout(
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            response_ids=response_ids.masked_fill(response_mask == 0, self.pad_token_id),
+            response_mask=response_mask,
+            sampler_logprobs=logprobs.masked_fill(response_mask == 0, 0.0),
+            sampler_entropy=entropy.masked_fill(response_mask == 0, 0.0),
+            finished=is_eos.any(-1),
+            response_lengths=response_mask.sum(-1),
+            row_seeds=seeds,
+        )
+
+
+class _SamplerStatsRecorder:
+    """Collects per-step entropy `[B]` and sampled-token log-probs `[B]` from inside `generate`."""
+
+    def __init__(self):
+        self.entropy: list[torch.Tensor] = []
+        self.logprobs: list[torch.Tensor] = []
+        self._last_scores: torch.Tensor | None = None  # [B, V] final scores of the latest step
+        self._last_lse: torch.Tensor | None = None  # [B] their logsumexp
+
+    def entropy_stage(self) -> LogitsProcessor:
+        """Processor recording the entropy of the (temperature-scaled, untruncated) scores."""
+        return _Tap(lambda input_ids, scores: self.entropy.append(entropy_of_logits(scores)))
+
+    def logprob_stage(self) -> LogitsProcessor:
+        """Processor keeping the final scores; also resolves the previous step's sampled token."""
+        return _Tap(self._on_final_scores)
+
+    def _on_final_scores(self, input_ids: torch.Tensor, scores: torch.Tensor) -> None:
+        if self._last_scores is not None:
+            self._gather(input_ids[:, -1])
+        # No copy needed: the scores tensor is created anew at every step and never mutated later.
+        self._last_scores, self._last_lse = scores, scores.float().logsumexp(-1)
+
+    def _gather(self, tokens: torch.Tensor) -> None:
+        picked = self._last_scores.float().gather(1, tokens.unsqueeze(1)).squeeze(1)
+        self.logprobs.append(picked - self._last_lse)
+
+    def finish(self, response_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(logprobs, entropy)`, each `[B, R]` for `response_ids [B, R]`; frees the kept scores."""
+        R = response_ids.shape[1]
+        if len(self.logprobs) < R:
+            self._gather(response_ids[:, len(self.logprobs)])
+        self._last_scores = self._last_lse = None
+        # [:R] drops a step that generate ran and then undid (deferred stop checks on some devices).
+        return torch.stack(self.logprobs[:R], 1), torch.stack(self.entropy[:R], 1)
+
+
+class _Tap(LogitsProcessor):
+    """A pass-through processor that lets a callback look at the scores."""
+
+    def __init__(self, callback):
+        self.callback = callback
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        self.callback(input_ids, scores)
+        return scores
+
+
+class _Greedy(LogitsProcessor):
+    """T -> 0: all mass on the argmax, so sampling returns it and its log-prob is exactly 0."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, scores.argmax(-1, keepdim=True), 0.0)
+
+
+def _build_processors(params: SamplingParams, recorder: _SamplerStatsRecorder) -> LogitsProcessorList:
+    processors: list[LogitsProcessor] = []
+    if params.entropy_temperature is not None:
+        processors.append(EntropyAwareTemperature(*params.entropy_temperature))
+    elif params.temperature == 0:
+        processors.append(_Greedy())
+    elif params.temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(params.temperature))
+    processors.append(recorder.entropy_stage())
+    if params.top_k > 0:
+        processors.append(TopKLogitsWarper(params.top_k))
+    if params.top_p < 1.0:
+        processors.append(TopPLogitsWarper(params.top_p))
+    processors.append(recorder.logprob_stage())
+    return LogitsProcessorList(processors)
+
+
+@contextlib.contextmanager
+def _sampling_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout) during sampling, restoring the caller's mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
+def _neutral_model_generation_config(model: torch.nn.Module) -> Iterator[None]:
+    """Hide the checkpoint's `generation_config.json` during `generate`.
+
+    `generate` fills every field we leave unset from the model's generation config, and checkpoints
+    ship sampling defaults (Qwen3: top_k = 20, top_p = 0.95; others repetition_penalty, min_p...)
+    that would silently change the distribution we sample from and record.
+    """
+    target = unwrap_peft(model)
+    saved = target.generation_config
+    target.generation_config = GenerationConfig(
+        bos_token_id=saved.bos_token_id, eos_token_id=saved.eos_token_id, pad_token_id=saved.pad_token_id
+    )
+    try:
+        yield
+    finally:
+        target.generation_config = saved
+
+
+def _default_eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    ids = [tokenizer.eos_token_id]
+    model_eos = unwrap_peft(model).generation_config.eos_token_id
+    ids += model_eos if isinstance(model_eos, list) else [model_eos]
+    return sorted({i for i in ids if i is not None})

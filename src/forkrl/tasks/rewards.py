@@ -1,0 +1,373 @@
+"""Reward plumbing: which function scores a completion, running it safely, overlong shaping.
+
+A reward function is any callable `fn(completion: str, example: PromptExample) -> float`.
+Name one by a registered name ("math") or by import path, "package.module:function" or
+"path/to/file.py:function". `RewardComputer` scores a batch with it so that one bad item
+never stops a run: an exception, a non-numeric or non-finite return, or a call that
+overruns the time limit each scores 0 and is counted.
+
+A function that can do better on a whole batch (the math reward, which fans checks out to
+worker processes) also provides `score_batch(completions, examples, timeout_s) ->
+RewardBatch`; `RewardComputer` then hands it the batch and trusts its counters.
+
+`overlong_penalty` is DAPO's overlong reward shaping; the trainer adds it to the task
+reward before advantages are computed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import math
+import numbers
+import os
+import queue
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from forkrl.tasks.data import PromptExample
+from forkrl.tasks.math import DEFAULT_TIMEOUT_S, MathVerifier, get_default_verifier
+
+__all__ = [
+    "REWARD_FUNCTIONS",
+    "MathReward",
+    "RewardBatch",
+    "RewardComputer",
+    "RewardFn",
+    "load_reward_fn",
+    "overlong_penalty",
+    "register_reward",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class RewardFn(Protocol):
+    """Score one completion of `example.prompt`; higher is better (the math reward is 0/1)."""
+
+    def __call__(self, completion: str, example: PromptExample) -> float: ...
+
+
+@runtime_checkable
+class BatchRewardFn(Protocol):
+    """A reward that scores whole batches itself, with its own isolation and time limits."""
+
+    def score_batch(
+        self, completions: Sequence[str], examples: Sequence[PromptExample], timeout_s: float
+    ) -> RewardBatch: ...
+
+
+@dataclass
+class RewardBatch:
+    """Scores of one batch plus how many items fell back to 0 and why."""
+
+    scores: list[float]
+    """One score per completion, in input order."""
+    num_errors: int = 0
+    """Calls that raised (or whose worker died)."""
+    num_timeouts: int = 0
+    """Calls that overran the time limit."""
+    num_invalid: int = 0
+    """Calls that returned something other than a finite number."""
+
+
+# ---------------------------------------------------------------------------- built-ins
+
+
+class MathReward:
+    """1.0 when the completion's final answer is equivalent to `example.answer` (math-verify)."""
+
+    def __init__(self, verifier: MathVerifier | None = None):
+        # None: share the process-wide verifier, whose workers start on first use.
+        self._verifier = verifier
+
+    @property
+    def verifier(self) -> MathVerifier:
+        return self._verifier or get_default_verifier()
+
+    def __call__(self, completion: str, example: PromptExample) -> float:
+        return self.verifier.score([completion], [example.answer]).scores[0]
+
+    def score_batch(
+        self, completions: Sequence[str], examples: Sequence[PromptExample], timeout_s: float
+    ) -> RewardBatch:
+        result = self.verifier.score(completions, [e.answer for e in examples], timeout_s)
+        return RewardBatch(result.scores, num_errors=result.num_errors, num_timeouts=result.num_timeouts)
+
+
+REWARD_FUNCTIONS: dict[str, RewardFn] = {"math": MathReward()}
+"""Reward functions by name; `register_reward` adds to it."""
+
+
+def register_reward(name: str, fn: RewardFn | None = None):
+    """Register `fn` under `name`; usable as `register_reward("x", fn)` or `@register_reward("x")`."""
+
+    def add(fn: RewardFn) -> RewardFn:
+        if not callable(fn):
+            raise TypeError(f"reward {name!r} must be callable, got {type(fn).__name__}")
+        REWARD_FUNCTIONS[name] = fn
+        return fn
+
+    return add if fn is None else add(fn)
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_reward_fn(spec: str | RewardFn) -> RewardFn:
+    """Resolve a registered name, "package.module:function" or "path/to/file.py:function".
+
+    The attribute part may be dotted ("module:Class.method"). Raises ValueError naming
+    what could not be found.
+    """
+    if callable(spec):
+        return spec
+    if spec in REWARD_FUNCTIONS:
+        return REWARD_FUNCTIONS[spec]
+    if ":" not in spec:
+        raise ValueError(
+            f"unknown reward {spec!r}: not a registered name ({', '.join(sorted(REWARD_FUNCTIONS))}) "
+            "and not an import path like 'package.module:function' or 'path/to/file.py:function'"
+        )
+    # rsplit: a Windows path ("C:\\x.py:fn") has a colon of its own
+    module_part, attr_path = spec.rsplit(":", 1)
+    if not module_part or not attr_path:
+        raise ValueError(f"reward {spec!r}: expected 'module:function' with both parts non-empty")
+    module = _import_reward_module(module_part, spec)
+
+    obj = module
+    for name in attr_path.split("."):
+        if not hasattr(obj, name):
+            raise ValueError(f"reward {spec!r}: {getattr(obj, '__name__', obj)!r} has no attribute {name!r}")
+        obj = getattr(obj, name)
+    if not callable(obj):
+        raise ValueError(f"reward {spec!r}: {attr_path!r} is a {type(obj).__name__}, not callable")
+    return obj
+
+
+def _import_reward_module(module_part: str, spec: str):
+    if module_part.endswith(".py") or os.sep in module_part or "/" in module_part:
+        path = os.path.abspath(module_part)
+        if not os.path.isfile(path):
+            raise ValueError(f"reward {spec!r}: file {module_part!r} not found")
+        # A path-derived name: loading the same file twice reuses the module, and logs name it.
+        name = "forkrl_reward_" + "".join(c if c.isalnum() else "_" for c in path)
+        if name in sys.modules:
+            return sys.modules[name]
+        file_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(file_spec)
+        sys.modules[name] = module
+        try:
+            file_spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+        return module
+    try:
+        return importlib.import_module(module_part)
+    except ModuleNotFoundError as e:
+        if e.name == module_part or module_part.startswith(f"{e.name}."):
+            raise ValueError(f"reward {spec!r}: module {module_part!r} not found (is it on PYTHONPATH?)") from e
+        raise  # the module exists but one of its own imports is missing: show that error as is
+
+
+# ---------------------------------------------------------------------------- scoring
+
+_OK, _ERROR, _TIMEOUT = "ok", "error", "timeout"
+
+
+class _Runner:
+    """One persistent daemon thread that runs calls sent to its inbox.
+
+    Daemon, so a call that never returns cannot block interpreter exit. Reused across
+    calls because starting a thread per call costs ~100x more than a queue hand-off.
+    """
+
+    def __init__(self):
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._loop, daemon=True, name="forkrl-reward").start()
+
+    def _loop(self) -> None:
+        while (job := self.inbox.get()) is not None:
+            results, i, fn, args = job
+            try:
+                results.put((i, _OK, fn(*args)))
+            except BaseException:  # noqa: B036 -- a reward raising SystemExit must not end the run
+                results.put((i, _ERROR, traceback.format_exc()))
+
+    def abandon(self) -> None:
+        """Exit once the current call returns (a thread cannot be killed), if it ever does."""
+        self.inbox.put(None)
+
+
+class _GuardedCaller:
+    """Runs `fn(*args)` over a batch on up to `size` runners, each call limited to `timeout_s`.
+
+    A runner whose call overruns is abandoned and replaced, and the call's late result is
+    dropped (results go to a queue private to the batch it belongs to).
+    """
+
+    def __init__(self, size: int):
+        self._idle = [_Runner() for _ in range(size)]
+        self._lock = threading.Lock()  # runners serve one batch at a time
+
+    def close(self) -> None:
+        """Let the idle threads exit (SimpleQueue.put is safe even from a finalizer)."""
+        for runner in self._idle:
+            runner.abandon()
+        self._idle = []
+
+    __del__ = close
+
+    def run(self, fn: Callable, args_list: Sequence[tuple], timeout_s: float) -> list[tuple[str, object]]:
+        """Per call: ("ok", value), ("error", traceback text) or ("timeout", None)."""
+        outcomes: list[tuple[str, object]] = [(_TIMEOUT, None)] * len(args_list)
+        results: queue.SimpleQueue = queue.SimpleQueue()
+        running: dict[int, tuple[_Runner, float]] = {}  # batch position -> (runner, deadline)
+        next_item = 0
+        with self._lock:
+            while next_item < len(args_list) or running:
+                # The deadline starts at hand-off: a call only goes to an idle runner.
+                while self._idle and next_item < len(args_list):
+                    runner = self._idle.pop()
+                    runner.inbox.put((results, next_item, fn, args_list[next_item]))
+                    running[next_item] = (runner, time.monotonic() + timeout_s)
+                    next_item += 1
+                earliest = min(deadline for _, deadline in running.values())
+                try:
+                    i, kind, value = results.get(timeout=max(0.0, earliest - time.monotonic()))
+                    if i in running:
+                        self._idle.append(running.pop(i)[0])
+                        outcomes[i] = (kind, value)
+                except queue.Empty:
+                    pass
+                now = time.monotonic()
+                for i in [i for i, (_, deadline) in running.items() if deadline <= now]:
+                    running.pop(i)[0].abandon()  # outcome stays "timeout"
+                    self._idle.append(_Runner())
+        return outcomes
+
+
+def _as_score(value: object) -> float | None:
+    """The finite float a reward returned, or None when it returned anything else."""
+    if isinstance(value, (str, bytes)) or not (isinstance(value, numbers.Real) or hasattr(value, "__float__")):
+        return None
+    try:
+        score = float(value)  # also takes numpy scalars and one-element tensors
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    return score if math.isfinite(score) else None
+
+
+class RewardComputer:
+    """Scores batches with one reward function, so that no single item can stop the run.
+
+    Per item: an exception, a non-finite or non-numeric return, or a call running past
+    `timeout_s` scores 0 and is counted in the returned `RewardBatch`. The first
+    `max_logged_errors` problems are logged with their batch position and prompt index.
+
+    Plain functions run on `max_concurrency` persistent daemon threads (so they need not
+    be picklable). A timed-out call cannot be killed: its thread is written off, exits if
+    the call ever returns, and is replaced. The limit is wall-clock time from when a thread
+    takes the call; CPU-bound Python rewards share the GIL, so concurrency only speeds up
+    rewards that wait (I/O, subprocesses), and under it a slow call may be charged for
+    others' GIL time. Give rewards that can truly hang or crash the interpreter their own
+    process, as the math reward does.
+    """
+
+    def __init__(
+        self,
+        reward_fn: str | RewardFn = "math",
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        max_concurrency: int = 4,
+        max_logged_errors: int = 5,
+    ):
+        if timeout_s <= 0 or max_concurrency < 1:
+            raise ValueError(f"need timeout_s > 0 and max_concurrency >= 1, got {timeout_s}, {max_concurrency}")
+        self.reward_fn = load_reward_fn(reward_fn)
+        self.name = reward_fn if isinstance(reward_fn, str) else getattr(reward_fn, "__name__", repr(reward_fn))
+        self.timeout_s = timeout_s
+        self.max_concurrency = max_concurrency
+        self.max_logged_errors = max_logged_errors
+        self._logged = 0
+        self._caller: _GuardedCaller | None = None  # threads start on the first plain-function batch
+
+    def __call__(self, completions: Sequence[str], examples: Sequence[PromptExample]) -> RewardBatch:
+        """Score `completions[i]` as a response to `examples[i]`."""
+        if len(completions) != len(examples):
+            raise ValueError(f"{len(completions)} completions but {len(examples)} examples")
+        if isinstance(self.reward_fn, BatchRewardFn):
+            return self.reward_fn.score_batch(completions, examples, self.timeout_s)
+
+        if self._caller is None:
+            self._caller = _GuardedCaller(self.max_concurrency)
+        outcomes = self._caller.run(self.reward_fn, list(zip(completions, examples)), self.timeout_s)
+        batch = RewardBatch(scores=[0.0] * len(completions))
+        for i, (kind, value) in enumerate(outcomes):
+            if kind == _TIMEOUT:
+                batch.num_timeouts += 1
+                self._log(i, examples[i], f"timed out after {self.timeout_s:g} s")
+            elif kind == _ERROR:
+                batch.num_errors += 1
+                self._log(i, examples[i], f"raised:\n{value}")
+            elif (score := _as_score(value)) is None:
+                batch.num_invalid += 1
+                self._log(i, examples[i], f"returned {value!r:.80}, not a finite number")
+            else:
+                batch.scores[i] = score
+        return batch
+
+    def close(self) -> None:
+        """Release the worker threads (idle ones exit now; a stuck one when its call returns)."""
+        if self._caller is not None:
+            self._caller.close()
+            self._caller = None
+
+    def _log(self, position: int, example: PromptExample, what: str) -> None:
+        if self._logged >= self.max_logged_errors:
+            return
+        self._logged += 1
+        suffix = " (further problems are counted, not logged)" if self._logged == self.max_logged_errors else ""
+        logger.warning(
+            "reward %r on batch item %d (prompt index %d) %s%s", self.name, position, example.index, what, suffix
+        )
+
+
+# ---------------------------------------------------------------------------- shaping
+
+
+def overlong_penalty(
+    response_lengths: torch.Tensor | Sequence[int],
+    max_len: int,
+    cache_len: int,
+    penalty_factor: float = 1.0,
+) -> torch.Tensor:
+    """DAPO's overlong reward shaping, to be *added* to the task reward.
+
+    With L the response length in tokens (generated tokens, EOS included) and
+    `soft = max_len - cache_len`:
+
+        0                                        if L <= soft
+        -(L - soft) / cache_len * penalty_factor if soft < L < max_len
+        -penalty_factor                          if L >= max_len
+
+    i.e. a linear ramp over the last `cache_len` tokens. Paper 1: max 20480, cache 4096.
+
+    Args:
+        response_lengths: (B,) lengths, any numeric dtype or a list.
+    Returns:
+        (B,) fp32 penalties (<= 0), on the device of `response_lengths`.
+    """
+    if not 0 < cache_len <= max_len:
+        raise ValueError(f"need 0 < cache_len <= max_len, got cache_len={cache_len}, max_len={max_len}")
+    lengths = torch.as_tensor(response_lengths, dtype=torch.float32)
+    soft = max_len - cache_len
+    return -((lengths - soft) / cache_len).clamp(0.0, 1.0) * penalty_factor

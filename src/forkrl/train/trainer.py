@@ -1,0 +1,571 @@
+"""The RL recipe: prompts → rollouts → rewards → advantages → token selection → loss → optimizer step.
+
+One `Trainer.train()` call runs `trainer.total_steps` steps. Each step:
+
+1. draws `rollout.prompts_per_step / world_size` prompts per process and samples G responses each
+   (batch-invariant per-row seeds, so the same prompt gets the same response whatever the split);
+2. scores them (task reward + overlong shaping); with dynamic sampling, drops groups whose task
+   scores are all equal and samples more prompts until the batch is full or the rounds run out;
+3. computes group-relative advantages;
+4. computes old-policy log-probs, except with exactly one update per batch (then π_old = π_θ);
+5. for each mini-batch: picks the forking tokens (`selection.*`), accumulates the normalized loss
+   over micro-batches, clips the gradient and steps (a NaN/inf step is skipped and counted).
+
+A single process is the same code path with world size 1; under `torchrun` gradients are
+averaged by DDP and the loss denominators are global, so the update equals the one-process
+update on the same global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from forkrl.algo.advantages import compute_advantages
+from forkrl.algo.losses import PolicyLossInput, compute_policy_loss, loss_denominators
+from forkrl.config import Config, dump_config, load_config
+from forkrl.distributed import is_distributed
+from forkrl.metrics import MetricSums
+from forkrl.models.loading import load_policy, unwrap_peft
+from forkrl.models.scoring import ResponseScorer, score_responses
+from forkrl.ops.selection import select_tokens
+from forkrl.rollout.base import Rollout, SamplingParams
+from forkrl.rollout.hf import HFGenerationBackend
+from forkrl.tasks.data import PromptExample, PromptSampler, load_prompts
+from forkrl.tasks.rewards import RewardComputer, overlong_penalty
+from forkrl.train.checkpoint import latest_checkpoint, load_trainer_state, restore_rng_state, save_checkpoint
+from forkrl.train.logging import RunLogger, atomic_write_text, truncate_jsonl_after_step
+
+PERCENTILES = tuple(range(0, 101, 10))
+
+
+class TrainingStopped(RuntimeError):
+    """Raised when the run cannot go on (e.g. too many consecutive NaN/inf steps)."""
+
+
+@dataclass
+class StepBatch:
+    """The responses one process trains on in one step (groups of G contiguous rows)."""
+
+    rollout: Rollout
+    examples: list[PromptExample]
+    """One per response row."""
+    task_scores: torch.Tensor
+    """`[N]` reward function scores (accuracy for 0/1 verifiers)."""
+    rewards: torch.Tensor
+    """`[N]` task score + overlong shaping: what the advantages are computed from."""
+    advantages: torch.Tensor
+    """`[N]`."""
+
+
+def _mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (stable across runs and processes)."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h ^= (int(p) + 0x9E3779B97F4A7C15 + ((h << 6) & 0xFFFFFFFFFFFFFFFF) + (h >> 2)) & 0xFFFFFFFFFFFFFFFF
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+def init_distributed(device_pref: str) -> tuple[int, int, torch.device]:
+    """Join the torchrun process group if launched by torchrun; return (rank, world, device)."""
+    use_cuda = torch.cuda.is_available() and device_pref != "cpu"
+    if device_pref == "cuda" and not torch.cuda.is_available():
+        raise TrainingStopped("trainer.device = 'cuda' but torch sees no CUDA device")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if use_cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        return rank, world, torch.device("cuda", local_rank)
+    return rank, world, torch.device("cpu")
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume_from: str | os.PathLike | None = None):
+        self.cfg = cfg
+        self.rank, self.world, self.device = init_distributed(cfg.trainer.device)
+        self.is_main = self.rank == 0
+        self.run_dir = Path(cfg.output_dir)
+        r, o = cfg.rollout, cfg.optim
+        for key, value in (
+            ("rollout.prompts_per_step", r.prompts_per_step),
+            ("optim.mini_batch_size", o.mini_batch_size),
+        ):
+            if value % self.world:
+                raise TrainingStopped(f"{key} = {value} must be divisible by the number of processes ({self.world})")
+        self.prompts_per_rank = r.prompts_per_step // self.world
+        self.mini_prompts_per_rank = o.mini_batch_size // self.world
+        self.updates_per_step = (r.prompts_per_step // o.mini_batch_size) * o.epochs
+        self.group = dist.group.WORLD if is_distributed() else None
+
+        torch.manual_seed(cfg.seed)
+        on_gpu = self.device.type == "cuda"
+        dtype = cfg.model.dtype
+        # "auto": fp32 master weights everywhere, with bf16 autocast on GPU (see README).
+        self.autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu and dtype == "auto" else contextlib.nullcontext()
+        )
+        self.model, self.tokenizer = load_policy(
+            cfg.model.name,
+            dtype="float32" if dtype == "auto" else dtype,
+            device=self.device,
+            trust_remote_code=cfg.model.trust_remote_code,
+            gradient_checkpointing=cfg.model.gradient_checkpointing,
+            attn_implementation=cfg.model.attn_implementation,
+            lora_rank=cfg.model.lora_rank,
+            lora_alpha=cfg.model.lora_alpha,
+            lora_target_modules=cfg.model.lora_target_modules,
+        )
+        self.ref_model = None
+        if cfg.loss.ref_kl_coef > 0:
+            self.ref_model, _ = load_policy(
+                cfg.model.name, dtype="float32" if dtype == "auto" else dtype, device=self.device
+            )
+            self.ref_model.eval().requires_grad_(False)
+        self.scorer = ResponseScorer(self.model)
+        if self.world > 1:
+            self.scorer = torch.nn.parallel.DistributedDataParallel(
+                self.scorer, device_ids=[self.device.index] if on_gpu else None
+            )
+        self.backend = HFGenerationBackend(self.model, self.tokenizer, batch_size=r.generation_batch_size)
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        total_updates = cfg.trainer.total_steps * self.updates_per_step
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda i: _lr_factor(i, o.warmup_steps, total_updates, o.schedule)
+        )
+
+        self.examples = self._load_examples()
+        self.sampler = PromptSampler(len(self.examples), cfg.seed, self.rank, self.world)
+        self.rewarder = RewardComputer(cfg.reward.function, timeout_s=cfg.reward.timeout_s)
+        self.step = 0
+        self.bad_steps = 0
+        if resume_from is not None:
+            self._resume(Path(resume_from))
+        self.logger = None
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
+            self.logger = RunLogger(self.run_dir, cfg.trainer.tensorboard, cfg.trainer.wandb_project)
+
+    # ------------------------------------------------------------------ setup helpers
+
+    def _load_examples(self) -> list[PromptExample]:
+        d = self.cfg.data
+        examples = []
+        for source in d.train_files:
+            examples += load_prompts(
+                source, d.question_key, d.answer_key, template=d.template, tokenizer=self.tokenizer
+            )
+        if d.max_prompts:
+            examples = examples[: d.max_prompts]
+        if not examples:
+            raise TrainingStopped(f"no training prompts in {d.train_files}")
+        for i, ex in enumerate(examples):
+            ex.index = i
+        return examples
+
+    def _resume(self, run_dir: Path) -> None:
+        path = latest_checkpoint(run_dir)
+        if path is None:
+            raise TrainingStopped(f"--resume {run_dir}: no checkpoint found under {run_dir / 'checkpoints'}")
+        from safetensors.torch import load_file
+
+        state = {}
+        for shard in sorted(path.glob("*.safetensors")):
+            state.update(load_file(shard, device=str(self.device)))
+        missing, unexpected = unwrap_peft(self.model).load_state_dict(state, strict=False)
+        # Tied weights (lm_head = embed_tokens) are saved once; anything else missing is an error.
+        missing = [k for k in missing if k not in getattr(self.model, "_tied_weights_keys", {}) and "lm_head" not in k]
+        if missing or unexpected:
+            raise TrainingStopped(
+                f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}"
+            )
+        trainer_state = load_trainer_state(path)
+        self.optimizer.load_state_dict(trainer_state["optimizer"])
+        self.scheduler.load_state_dict(trainer_state["scheduler"])
+        restore_rng_state(trainer_state["rng"])
+        self.step = trainer_state["step"]
+        self.sampler.load_state_dict(trainer_state["trainer"]["sampler"])
+        self.bad_steps = trainer_state["trainer"].get("bad_steps", 0)
+        if self.is_main:
+            truncate_jsonl_after_step(self.run_dir / "metrics.jsonl", self.step)
+            truncate_jsonl_after_step(self.run_dir / "samples.jsonl", self.step)
+
+    def save(self) -> Path | None:
+        path = None
+        if self.is_main:
+            path = save_checkpoint(
+                self.run_dir,
+                self.step,
+                unwrap_peft(self.model) if self.cfg.model.lora_rank == 0 else self.model,
+                self.tokenizer,
+                self.optimizer,
+                self.scheduler,
+                {"sampler": self.sampler.state_dict(), "bad_steps": self.bad_steps},
+                keep=self.cfg.trainer.keep_checkpoints,
+            )
+        if is_distributed():
+            dist.barrier()
+        return path
+
+    # ------------------------------------------------------------------ 1–3: rollouts, rewards, advantages
+
+    def _sample_round(self, round_index: int) -> tuple[Rollout, list[PromptExample], list[int]]:
+        cfg = self.cfg.rollout
+        g = cfg.group_size
+        cursor = self.sampler.state_dict()
+        start = cursor["epoch"] * cursor["num_prompts"] + cursor["position"]
+        indices = self.sampler.next_batch(self.prompts_per_rank)
+        # Global stream position of each prompt: the same prompt draw gets the same seeds on any
+        # number of processes, which makes runs independent of the data-parallel split.
+        positions = [start + self.rank + i * self.world for i in range(len(indices))]
+        examples = [self.examples[i] for i in indices for _ in range(g)]
+        row_seeds = [_mix_seed(self.cfg.seed, pos, j) for pos in positions for j in range(g)]
+        params = SamplingParams(
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            top_k=cfg.top_k,
+            entropy_temperature=tuple(cfg.entropy_temperature) if cfg.entropy_temperature else None,
+            row_seeds=row_seeds,
+        )
+        with self.autocast:
+            rollout = self.backend.generate([ex.prompt for ex in examples], params)
+        return rollout, examples, positions
+
+    def collect_batch(self, timings: dict[str, float], stats: MetricSums) -> StepBatch | None:
+        """Sample, score and (with dynamic sampling) filter until each process has its quota of groups."""
+        cfg, g = self.cfg, self.cfg.rollout.group_size
+        kept: list[tuple[Rollout, list[PromptExample], torch.Tensor, torch.Tensor]] = []
+        num_kept_groups = 0
+        for round_index in range(cfg.rollout.max_sampling_rounds):
+            t0 = time.perf_counter()
+            rollout, examples, _ = self._sample_round(round_index)
+            timings["generate_s"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            texts = self.tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)
+            scored = self.rewarder(texts, examples)
+            timings["reward_s"] += time.perf_counter() - t0
+            task = torch.tensor(scored.scores, dtype=torch.float32)
+            lengths = rollout.response_lengths.cpu()
+            shaped = task.clone()
+            if cfg.reward.overlong_shaping:
+                shaped += overlong_penalty(
+                    lengths, cfg.rollout.max_new_tokens, cfg.reward.overlong_cache, cfg.reward.overlong_penalty
+                )
+            # Statistics of everything sampled (before filtering), as DAPO reports them.
+            stats.add("reward", shaped.sum(), len(shaped))
+            stats.add("accuracy", task.clamp(0, 1).sum(), len(task))
+            stats.add("response_length", lengths.float().sum(), len(lengths))
+            stats.add("response_clip_frac", (~rollout.finished.cpu()).float().sum(), len(lengths))
+            stats.add("reward_errors", torch.tensor(float(scored.num_errors + scored.num_invalid)), None)
+            stats.add("reward_timeouts", torch.tensor(float(scored.num_timeouts)), None)
+            grouped = task.view(-1, g)
+            informative = ~(grouped == grouped[:, :1]).all(dim=1)
+            stats.add("groups_zero_variance", (~informative).float().sum(), None)
+            stats.add("groups_sampled", torch.tensor(float(len(informative))), None)
+            stats.add("sampling_rounds", torch.tensor(1.0 / self.world), None)
+            if self.is_main and round_index == 0 and self.logger is not None:
+                self.logger.log_samples(
+                    self.step + 1,
+                    [
+                        {
+                            "prompt": examples[i].prompt,
+                            "completion": texts[i],
+                            "answer": examples[i].answer,
+                            "score": float(task[i]),
+                            "reward": float(shaped[i]),
+                        }
+                        for i in range(min(cfg.trainer.log_samples, len(texts)))
+                    ],
+                )
+            keep_groups = informative if cfg.rollout.dynamic_sampling else torch.ones_like(informative)
+            rows = keep_groups.repeat_interleave(g)
+            if rows.any():
+                idx = rows.nonzero().squeeze(1)
+                kept.append((_select_rows(rollout, idx), [examples[i] for i in idx.tolist()], task[idx], shaped[idx]))
+                num_kept_groups += int(keep_groups.sum())
+            if not cfg.rollout.dynamic_sampling:
+                break
+            # Every process keeps sampling until all have their quota (they must step together).
+            least = torch.tensor(float(num_kept_groups))
+            if is_distributed():
+                dist.all_reduce(least, op=dist.ReduceOp.MIN)
+            if least >= self.prompts_per_rank:
+                break
+        least = torch.tensor(float(min(num_kept_groups, self.prompts_per_rank)))
+        if is_distributed():
+            dist.all_reduce(least, op=dist.ReduceOp.MIN)
+        use_groups = int(least)
+        stats.add("groups_trained", torch.tensor(float(use_groups)), None)
+        if use_groups == 0:
+            return None
+        rollout = Rollout.cat([k[0] for k in kept], self.tokenizer.pad_token_id)
+        rows = torch.arange(use_groups * g)
+        examples = [ex for k in kept for ex in k[1]][: use_groups * g]
+        task = torch.cat([k[2] for k in kept])[rows]
+        shaped = torch.cat([k[3] for k in kept])[rows]
+        rollout = _select_rows(rollout, rows.to(rollout.response_ids.device))
+        adv = compute_advantages(shaped, g, cfg.advantage.estimator, cfg.advantage.std_eps)
+        return StepBatch(rollout.to(self.device), examples, task, shaped, adv.advantages.to(self.device))
+
+    # ------------------------------------------------------------------ 4–5: old log-probs, updates
+
+    def _micro_slices(self, rows: range) -> list[slice]:
+        mb = self.cfg.optim.micro_batch_size
+        return [slice(i, min(i + mb, rows.stop)) for i in range(rows.start, rows.stop, mb)]
+
+    @torch.no_grad()
+    def _score_no_grad(self, model, ro: Rollout, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        with self.autocast:
+            return score_responses(
+                model,
+                ro.prompt_ids[rows],
+                ro.prompt_mask[rows],
+                ro.response_ids[rows],
+                ro.response_mask[rows],
+                self.cfg.rollout.temperature,
+            )
+
+    def _score_all(self, model, ro: Rollout, rows: range) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = [self._score_no_grad(model, ro, s) for s in self._micro_slices(rows)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def update(self, batch: StepBatch, timings: dict[str, float], stats: MetricSums) -> None:
+        cfg, sel = self.cfg, self.cfg.selection
+        ro = batch.rollout
+        n_rows = ro.batch_size
+        g = cfg.rollout.group_size
+        mini_rows = self.mini_prompts_per_rank * g
+        minis = [range(i, min(i + mini_rows, n_rows)) for i in range(0, n_rows, mini_rows)]
+        on_policy = cfg.optim.epochs == 1 and len(minis) == 1
+        self.model.train()
+        t0 = time.perf_counter()
+        old_logp = old_ent = ref_logp = None
+        if not on_policy:
+            old_logp, old_ent = self._score_all(self.model, ro, range(n_rows))
+        if self.ref_model is not None:
+            ref_logp, _ = self._score_all(self.ref_model, ro, range(n_rows))
+        timings["old_logprobs_s"] += time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        generator = torch.Generator(device=self.device).manual_seed(_mix_seed(cfg.seed, self.step, self.rank, 7))
+        group = self.group if sel.scope == "global" else None
+        for epoch in range(cfg.optim.epochs):
+            for mini_index, rows in enumerate(minis):
+                micro = self._micro_slices(rows)
+                denoms = loss_denominators(
+                    [ro.response_mask[s] for s in micro], sel.strategy, sel.ratio, sel.scope, group=self.group
+                )
+                kept_mask = None
+                if sel.scope in ("batch", "global") and sel.strategy != "all":
+                    # Rank all of the mini-batch's tokens before the first backward.
+                    if sel.entropy_source == "old" or (old_ent is not None and epoch == 0 and mini_index == 0):
+                        ent = old_ent[rows.start : rows.stop] if old_ent is not None else None
+                    else:
+                        ent = None
+                    if ent is None:
+                        ent = self._score_all(self.model, ro, rows)[1]
+                    chosen = select_tokens(
+                        ent,
+                        ro.response_mask[rows.start : rows.stop],
+                        sel.strategy,
+                        sel.ratio,
+                        group=group,
+                        generator=generator,
+                    )
+                    kept_mask = chosen.mask
+                    _add_selection_stats(stats, chosen)
+                for i, s in enumerate(micro):
+                    last = i == len(micro) - 1
+                    # DDP all-reduces gradients only on the last micro-batch of the mini-batch.
+                    sync = contextlib.nullcontext() if last or self.world == 1 else self.scorer.no_sync()
+                    with sync:
+                        with self.autocast:
+                            logp, ent = self.scorer(
+                                ro.prompt_ids[s],
+                                ro.prompt_mask[s],
+                                ro.response_ids[s],
+                                ro.response_mask[s],
+                                cfg.rollout.temperature,
+                            )
+                        mask = ro.response_mask[s]
+                        if kept_mask is not None:
+                            kept = kept_mask[s.start - rows.start : s.stop - rows.start]
+                        elif sel.strategy == "all":
+                            kept = None
+                        else:
+                            source = ent if sel.entropy_source == "current" or old_ent is None else old_ent[s]
+                            chosen = select_tokens(source, mask, sel.strategy, sel.ratio, generator=generator)
+                            kept = chosen.mask
+                            _add_selection_stats(stats, chosen)
+                        inp = PolicyLossInput(
+                            logprobs=logp,
+                            old_logprobs=logp.detach() if old_logp is None else old_logp[s],
+                            advantages=batch.advantages[s],
+                            response_mask=mask,
+                            kept_mask=kept,
+                            entropy=ent,
+                            ref_logprobs=None if ref_logp is None else ref_logp[s],
+                        )
+                        out = compute_policy_loss(inp, cfg.loss, denoms, generator)
+                        out.loss.backward()
+                    stats.update(out.metrics)
+                self._optimizer_step(stats)
+        timings["update_s"] += time.perf_counter() - t0
+
+    def _optimizer_step(self, stats: MetricSums) -> None:
+        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        # One host sync per optimizer step: the skip decision (identical on every rank after DDP).
+        if torch.isfinite(grad_norm):
+            self.optimizer.step()
+            self.scheduler.step()
+            self.bad_steps = 0
+            stats.add("grad_norm", grad_norm, 1)
+        else:
+            self.bad_steps += 1
+            stats.add("skipped_updates", torch.tensor(1.0 / self.world), None)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.bad_steps >= self.cfg.trainer.max_bad_steps:
+            path = self.save()
+            raise TrainingStopped(
+                f"{self.bad_steps} consecutive optimizer steps had a NaN/inf loss or gradient and were skipped; "
+                f"stopping. The weights are those of the last good step, saved at {path or self.run_dir}."
+            )
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> dict[str, float]:
+        cfg = self.cfg
+        last: dict[str, float] = {}
+        progress = _progress(self.is_main, cfg.trainer.total_steps, self.step)
+        while self.step < cfg.trainer.total_steps:
+            t_step = time.perf_counter()
+            timings = {"generate_s": 0.0, "reward_s": 0.0, "old_logprobs_s": 0.0, "update_s": 0.0}
+            stats = MetricSums()
+            batch = self.collect_batch(timings, stats)
+            self.step += 1
+            if batch is not None:
+                self.update(batch, timings, stats)
+                _add_entropy_percentiles(stats, batch.rollout)
+                tokens = batch.rollout.response_mask.sum()
+                stats.add("tokens_trained", tokens.float(), None)
+            metrics = stats.compute(self.group)
+            step_s = time.perf_counter() - t_step
+            generated = (
+                metrics.get("response_length", 0.0) * metrics.get("groups_sampled", 0.0) * cfg.rollout.group_size
+            )
+            metrics.update({k: v for k, v in timings.items()})
+            metrics.update(
+                {"step_s": step_s, "tokens_per_s": generated / step_s, "lr": self.scheduler.get_last_lr()[0]}
+            )
+            if batch is None:
+                metrics["skipped_no_informative_groups"] = 1.0
+            if self.logger is not None:
+                self.logger.log(self.step, metrics)
+            progress.advance(self.step, metrics)
+            last = metrics
+            if (
+                cfg.trainer.save_every
+                and self.step % cfg.trainer.save_every == 0
+                and self.step < cfg.trainer.total_steps
+            ):
+                self.save()
+        self.save()
+        progress.close()
+        if self.logger is not None:
+            self.logger.close()
+        return last
+
+
+def _select_rows(ro: Rollout, idx: torch.Tensor) -> Rollout:
+    return Rollout(**{f.name: getattr(ro, f.name)[idx.to(getattr(ro, f.name).device)] for f in fields(ro)})
+
+
+def _add_selection_stats(stats: MetricSums, chosen) -> None:
+    thr = chosen.threshold
+    ok = ~torch.isnan(thr)
+    stats.add("entropy_threshold", torch.where(ok, thr, torch.zeros_like(thr)), ok.float())
+
+
+def _add_entropy_percentiles(stats: MetricSums, ro: Rollout) -> None:
+    """Percentiles 0, 10, …, 100 of this process's response-token entropies (old policy, Eq. 1)."""
+    values = ro.sampler_entropy[ro.response_mask.bool()].float()
+    if values.numel() == 0:
+        return
+    q = torch.quantile(values.cpu()[:16_000_000], torch.tensor([p / 100 for p in PERCENTILES]))
+    for p, v in zip(PERCENTILES, q):
+        stats.add(f"entropy_p{p}", v, 1)
+    stats.add("entropy_frac_below_0.01", (values < 1e-2).float().sum(), values.numel())
+
+
+def _lr_factor(i: int, warmup: int, total: int, schedule: str) -> float:
+    if warmup and i < warmup:
+        return (i + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (i - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class _progress:
+    """A rich progress bar with ETA on the main process, nothing elsewhere."""
+
+    def __init__(self, enabled: bool, total: int, start: int):
+        self.bar = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.description}"),
+            )
+            self.task = self.bar.add_task("", total=total, completed=start)
+            self.bar.start()
+
+    def advance(self, step: int, m: dict[str, float]) -> None:
+        if self.bar is None:
+            return
+        desc = (
+            f"acc {m.get('accuracy', float('nan')):.3f}  ent {m.get('entropy', float('nan')):.3f}  "
+            f"kept {m.get('kept_frac', float('nan')):.2f}  len {m.get('response_length', float('nan')):.0f}"
+        )
+        self.bar.update(self.task, completed=step, description=desc)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def run_training(config_path: str | None, overrides: list[str], resume: str | None = None) -> dict[str, float]:
+    """`forkrl train`: load (or, on resume, re-read the run's saved) config, train, return last metrics."""
+    if resume is not None:
+        saved = Path(resume) / "config.yaml"
+        if not saved.is_file():
+            raise TrainingStopped(f"--resume {resume}: {saved} not found (is it a forkrl run directory?)")
+        cfg = load_config(str(saved), [*overrides, f"output_dir={resume}"])
+    else:
+        cfg = load_config(config_path, overrides)
+    np.random.seed(cfg.seed % (2**32))
+    trainer = Trainer(cfg, resume_from=resume)
+    return trainer.train()

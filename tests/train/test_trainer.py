@@ -1,0 +1,138 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from forkrl.cli import app
+from forkrl.train import trainer as trainer_module
+from forkrl.train.trainer import TrainingStopped, run_training
+from tests.train.conftest import tiny_overrides
+
+REQUIRED_METRICS = [
+    "reward", "accuracy", "response_length", "entropy", "entropy_kept", "entropy_threshold", "kept_frac",
+    "clip_frac_low", "clip_frac_high", "approx_kl_old", "cov_mean", "cov_pos_frac", "tokens_per_s",
+    "generate_s", "reward_s", "old_logprobs_s", "update_s", "grad_norm", "loss", "groups_trained",
+    *[f"entropy_p{p}" for p in range(0, 101, 10)],
+]
+
+
+def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(checkpoint / "model.safetensors"))
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+class TestTrainTinyModel:
+    def test_two_steps_change_weights_and_log_everything(self, tiny_model_dir, prompts_file, tmp_path):
+        out = tmp_path / "run"
+        run_training(None, tiny_overrides(tiny_model_dir, prompts_file, str(out)))
+        records = _records(out)
+        assert [r["step"] for r in records] == [1, 2]
+        missing = [m for m in REQUIRED_METRICS if m not in records[-1]]
+        assert not missing, f"metrics.jsonl lacks {missing}"
+        # top-20% selection keeps ⌈0.2·N⌉ of N tokens per micro-batch: a fraction in [0.2, 0.2 + 1/N]
+        assert 0.2 <= records[-1]["kept_frac"] < 0.35
+        final = out / "checkpoints" / "step_000002"
+        before = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+        after = _weights(final)
+        changed = [k for k in before if not torch.equal(before[k], after[k])]
+        assert changed, "no weight changed after two RL steps"
+        model = AutoModelForCausalLM.from_pretrained(final)
+        assert model.config.vocab_size == AutoModelForCausalLM.from_pretrained(tiny_model_dir).config.vocab_size
+        assert (out / "config.yaml").is_file() and (out / "samples.jsonl").stat().st_size > 0
+
+    def test_resume_matches_straight_run(self, tiny_model_dir, prompts_file, tmp_path):
+        straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+        run_training(None, tiny_overrides(tiny_model_dir, prompts_file, str(straight), **{"trainer.total_steps": 4}))
+        run_training(None, tiny_overrides(tiny_model_dir, prompts_file, str(resumed), **{"trainer.total_steps": 2}))
+        run_training(None, ["trainer.total_steps=4"], resume=str(resumed))
+        a, b = _weights(straight / "checkpoints" / "step_000004"), _weights(resumed / "checkpoints" / "step_000004")
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+        assert [r["step"] for r in _records(resumed)] == [1, 2, 3, 4]
+
+    def test_failing_and_hanging_rewards_score_zero(self, tiny_model_dir, prompts_file, tmp_path):
+        for fn, counter in (("always_raises", "reward_errors"), ("hangs", "reward_timeouts")):
+            out = tmp_path / fn
+            overrides = tiny_overrides(
+                tiny_model_dir, prompts_file, str(out),
+                **{"reward.function": f"tests.train.reward_fns:{fn}", "reward.timeout_s": 0.2,
+                   "trainer.total_steps": 1, "rollout.max_sampling_rounds": 1},
+            )
+            metrics = run_training(None, overrides)
+            # every one of the 8 responses fell back to 0, and nothing was trained on
+            assert metrics[counter] == 8 and metrics["reward"] == 0.0
+            assert metrics["groups_trained"] == 0
+
+    def test_nan_loss_stops_after_consecutive_bad_steps(self, tiny_model_dir, prompts_file, tmp_path, monkeypatch):
+        real = trainer_module.compute_policy_loss
+
+        def nan_loss(*args, **kwargs):
+            out = real(*args, **kwargs)
+            out.loss = out.loss * float("nan")
+            return out
+
+        monkeypatch.setattr(trainer_module, "compute_policy_loss", nan_loss)
+        out = tmp_path / "nan"
+        overrides = tiny_overrides(tiny_model_dir, prompts_file, str(out),
+                                   **{"trainer.max_bad_steps": 2, "trainer.total_steps": 5})
+        with pytest.raises(TrainingStopped, match="2 consecutive optimizer steps had a NaN/inf"):
+            run_training(None, overrides)
+        saved = out / "checkpoints" / "step_000002"
+        before = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+        for key, value in _weights(saved).items():  # skipped steps never touched the weights
+            assert torch.equal(value, before[key]), key
+
+
+class TestBadInput:
+    runner = CliRunner()
+
+    def _train(self, *args):
+        return self.runner.invoke(app, ["train", *args])
+
+    def test_unknown_key_suggests_nearest(self, tiny_model_dir, prompts_file, tmp_path):
+        result = self._train(*tiny_overrides(tiny_model_dir, prompts_file, str(tmp_path)), "selection.ratoi=0.1")
+        assert result.exit_code == 2
+        assert "unknown config key selection.ratoi; did you mean selection.ratio?" in result.output
+
+    def test_bad_value_names_key_and_range(self, tiny_model_dir, prompts_file, tmp_path):
+        result = self._train(*tiny_overrides(tiny_model_dir, prompts_file, str(tmp_path)), "selection.ratio=1.5")
+        assert result.exit_code == 2 and "selection.ratio = 1.5: expected a fraction in (0, 1]" in result.output
+        result = self._train(*tiny_overrides(tiny_model_dir, prompts_file, str(tmp_path)), "optim.lr=-1e-6")
+        assert result.exit_code == 2 and "optim.lr = -1e-06: expected a positive learning rate" in result.output
+
+    def test_missing_file(self, tiny_model_dir, tmp_path):
+        result = self._train(*tiny_overrides(tiny_model_dir, str(tmp_path / "nope.jsonl"), str(tmp_path)))
+        assert result.exit_code == 2
+        assert "data.train_files[0]" in result.output and "nope.jsonl': file not found" in result.output
+
+    def test_missing_dataset_field_names_file_and_row(self, tiny_model_dir, tmp_path):
+        data = tmp_path / "bad.jsonl"
+        data.write_text('{"question": "1+1", "answer": "2"}\n{"prompt": "2+2", "answer": "4"}\n')
+        with pytest.raises(Exception, match=r"bad\.jsonl.*(line|row) 2.*question"):
+            run_training(None, tiny_overrides(tiny_model_dir, str(data), str(tmp_path / "run")))
+
+
+def test_two_processes_equal_one_process(tiny_model_dir, prompts_file, tmp_path):
+    """torchrun with 2 gloo processes, 1 prompt each, equals 1 process with both prompts (global scope)."""
+    common = {"trainer.total_steps": 1, "selection.scope": "global", "optim.micro_batch_size": 2}
+    one = tmp_path / "one"
+    run_training(None, tiny_overrides(tiny_model_dir, prompts_file, str(one), **common))
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           "-m", "forkrl.cli", "train", *tiny_overrides(tiny_model_dir, prompts_file, str(two), **common)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=Path(__file__).parents[2])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _weights(one / "checkpoints" / "step_000001"), _weights(two / "checkpoints" / "step_000001")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
