@@ -50,6 +50,19 @@ class TestTrainTinyModel:
         assert model.config.vocab_size == AutoModelForCausalLM.from_pretrained(tiny_model_dir).config.vocab_size
         assert (out / "config.yaml").is_file() and (out / "samples.jsonl").stat().st_size > 0
 
+    def test_eval_every_n_steps(self, tiny_model_dir, prompts_file, tmp_path):
+        out = tmp_path / "run"
+        overrides = tiny_overrides(
+            tiny_model_dir, prompts_file, str(out),
+            **{"data.eval_files": f"[{prompts_file}]", "trainer.eval_every": 2, "trainer.eval_samples": 2,
+               "trainer.eval_max_new_tokens": 6},
+        )
+        run_training(None, overrides)
+        records = _records(out)
+        assert "eval/train/acc_at_k" not in records[0] and "eval/train/acc_at_k" in records[1]
+        assert 0.0 <= records[1]["eval/train/acc_at_k"] <= 100.0 and records[1]["eval/train/len_at_k"] <= 6
+        assert (out / "eval" / "step_000002" / "eval.json").is_file()
+
     def test_resume_matches_straight_run(self, tiny_model_dir, prompts_file, tmp_path):
         straight, resumed = tmp_path / "straight", tmp_path / "resumed"
         run_training(None, tiny_overrides(tiny_model_dir, prompts_file, str(straight), **{"trainer.total_steps": 4}))

@@ -448,6 +448,36 @@ class Trainer:
                 f"stopping. The weights are those of the last good step, saved at {path or self.run_dir}."
             )
 
+    def evaluate(self) -> dict[str, float]:
+        """Acc@k / Len@k on `data.eval_files` (main process; the others wait), as `eval/<file>/…` metrics."""
+        cfg, metrics = self.cfg, {}
+        if self.is_main:
+            from forkrl.eval.accuracy import evaluate_model, write_eval_report
+
+            with self.autocast:
+                report = evaluate_model(
+                    self.model,
+                    self.tokenizer,
+                    cfg.data.eval_files,
+                    k=cfg.trainer.eval_samples,
+                    max_new_tokens=cfg.trainer.eval_max_new_tokens or cfg.rollout.max_new_tokens,
+                    temperature=cfg.rollout.temperature,
+                    reward_fn=cfg.reward.function,
+                    question_key=cfg.data.question_key,
+                    answer_key=cfg.data.answer_key,
+                    template=cfg.data.template,
+                    batch_size=cfg.rollout.generation_batch_size,
+                    seed=cfg.seed,
+                    reward_timeout_s=cfg.reward.timeout_s,
+                )
+            write_eval_report(report, self.run_dir / "eval" / f"step_{self.step:06d}")
+            for result in report.results:
+                metrics[f"eval/{result.name}/acc_at_k"] = result.acc_at_k
+                metrics[f"eval/{result.name}/len_at_k"] = result.len_at_k
+        if is_distributed():
+            dist.barrier()
+        return metrics
+
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> dict[str, float]:
@@ -476,6 +506,8 @@ class Trainer:
             )
             if batch is None:
                 metrics["skipped_no_informative_groups"] = 1.0
+            if cfg.trainer.eval_every and cfg.data.eval_files and self.step % cfg.trainer.eval_every == 0:
+                metrics.update(self.evaluate())
             if self.logger is not None:
                 self.logger.log(self.step, metrics)
             progress.advance(self.step, metrics)
