@@ -116,6 +116,37 @@ def eval_command(
     )
 
 
+config_app = typer.Typer(help="Inspect training configs.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("show", epilog="Example: forkrl config show configs/qwen3_8b_forking.yaml selection.ratio=0.1")
+def config_show(
+    config: str = typer.Argument(None, help="YAML recipe; omit to start from the defaults."),
+    overrides: list[str] = typer.Argument(None, help="key.sub=value overrides"),
+) -> None:
+    """Print the fully resolved config (every field) without checking that files exist."""
+    from forkrl.config import ConfigError, dump_config, load_config
+
+    args = list(overrides or [])
+    if config is not None and "=" in config:
+        args.insert(0, config)
+        config = None
+    try:
+        typer.echo(dump_config(load_config(config, args, check_files=False)), nl=False)
+    except ConfigError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+
+
+@config_app.command("reference", epilog="Example: forkrl config reference > docs/config.md")
+def config_reference() -> None:
+    """Print the config reference (every key, default and meaning) as markdown."""
+    from forkrl.config import config_reference_markdown
+
+    typer.echo(config_reference_markdown(), nl=False)
+
+
 def main() -> None:
     app()
 

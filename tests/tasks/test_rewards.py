@@ -126,10 +126,11 @@ def test_hanging_function_times_out():
             release.wait(60)  # stands in for time.sleep(60); released at the end of the test
         return 1.0
 
-    def num_reward_threads() -> int:
-        return sum(t.name == "forkrl-reward" for t in threading.enumerate())
+    def reward_threads() -> set:
+        return {t for t in threading.enumerate() if t.name == "forkrl-reward"}
 
-    before = num_reward_threads()
+    # Threads of earlier tests may still be finishing; count only the ones this test starts.
+    before = reward_threads()
     computer = RewardComputer(reward, timeout_s=0.3, max_concurrency=2)
     result: list = []
     worker = threading.Thread(target=lambda: result.append(computer(["ok", "hang", "hang", "ok"], _examples(4))))
@@ -144,10 +145,10 @@ def test_hanging_function_times_out():
     assert computer(["ok", "ok"], _examples(2)).scores == [1.0, 1.0]
     # ...and, once their calls return, the written-off threads exit instead of piling up
     for _ in range(100):
-        if num_reward_threads() == before + 2:
+        if len(reward_threads() - before) == 2:
             break
         time.sleep(0.05)
-    assert num_reward_threads() == before + 2
+    assert len(reward_threads() - before) == 2
 
 
 def test_math_reward_batch_path():
