@@ -149,3 +149,22 @@ def test_two_processes_equal_one_process(tiny_model_dir, prompts_file, tmp_path)
     a, b = _weights(one / "checkpoints" / "step_000001"), _weights(two / "checkpoints" / "step_000001")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_lora_trains_adapter_saves_merged_model_and_resumes(tiny_model_dir, prompts_file, tmp_path):
+    lora = {"model.lora_rank": 4, "model.lora_target_modules": "[q_proj, v_proj]"}
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_training(None, tiny_overrides(tiny_model_dir, prompts_file, str(straight), **lora, **{"trainer.total_steps": 3}))
+    run_training(None, tiny_overrides(tiny_model_dir, prompts_file, str(resumed), **lora, **{"trainer.total_steps": 2}))
+    run_training(None, ["trainer.total_steps=3"], resume=str(resumed))
+    final = straight / "checkpoints" / "step_000003"
+    assert (final / "adapter" / "adapter_config.json").is_file()
+    before = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    merged = _weights(final)
+    assert set(merged) == set(before)  # a plain HF checkpoint, LoRA merged in
+    changed = {k for k in before if not torch.equal(before[k], merged[k])}
+    assert changed and all("q_proj" in k or "v_proj" in k for k in changed)
+    AutoModelForCausalLM.from_pretrained(final)
+    other = _weights(resumed / "checkpoints" / "step_000003")
+    for key in merged:
+        torch.testing.assert_close(merged[key], other[key], rtol=0, atol=1e-6, msg=key)

@@ -14,6 +14,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,10 +70,13 @@ def save_checkpoint(
     scheduler,
     trainer_state: dict[str, Any],
     keep: int = 2,
+    extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically and keep only the newest `keep` checkpoints.
 
-    `model` is the unwrapped HF model (not the DDP wrapper). Call on the writing rank only.
+    `model` is the HF model to save in `save_pretrained` format (not the DDP wrapper).
+    `extra(tmp_dir)` may write more files (e.g. a LoRA adapter) before the rename.
+    Call on the writing rank only.
     """
     final = checkpoint_dir(run_dir, step)
     root = final.parent
@@ -82,6 +86,8 @@ def save_checkpoint(
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    if extra is not None:
+        extra(tmp)
     torch.save(
         {
             "step": step,

@@ -34,7 +34,7 @@ from forkrl.algo.losses import PolicyLossInput, compute_policy_loss, loss_denomi
 from forkrl.config import Config, dump_config, load_config
 from forkrl.distributed import is_distributed
 from forkrl.metrics import MetricSums
-from forkrl.models.loading import load_policy, unwrap_peft
+from forkrl.models.loading import load_policy
 from forkrl.models.scoring import ResponseScorer, score_responses
 from forkrl.ops.selection import select_tokens
 from forkrl.rollout.base import Rollout, SamplingParams
@@ -183,16 +183,21 @@ class Trainer:
             raise TrainingStopped(f"--resume {run_dir}: no checkpoint found under {run_dir / 'checkpoints'}")
         from safetensors.torch import load_file
 
-        state = {}
-        for shard in sorted(path.glob("*.safetensors")):
-            state.update(load_file(shard, device=str(self.device)))
-        missing, unexpected = unwrap_peft(self.model).load_state_dict(state, strict=False)
-        # Tied weights (lm_head = embed_tokens) are saved once; anything else missing is an error.
-        missing = [k for k in missing if k not in getattr(self.model, "_tied_weights_keys", {}) and "lm_head" not in k]
-        if missing or unexpected:
-            raise TrainingStopped(
-                f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}"
-            )
+        if self.cfg.model.lora_rank:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.model, load_file(path / "adapter" / "adapter_model.safetensors"))
+        else:
+            state = {}
+            for shard in sorted(path.glob("*.safetensors")):
+                state.update(load_file(shard, device=str(self.device)))
+            missing, unexpected = self.model.load_state_dict(state, strict=False)
+            # Tied weights (lm_head = embed_tokens) are saved once; anything else missing is an error.
+            missing = [k for k in missing if "lm_head" not in k]
+            if missing or unexpected:
+                raise TrainingStopped(
+                    f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}"
+                )
         trainer_state = load_trainer_state(path)
         self.optimizer.load_state_dict(trainer_state["optimizer"])
         self.scheduler.load_state_dict(trainer_state["scheduler"])
@@ -205,17 +210,26 @@ class Trainer:
             truncate_jsonl_after_step(self.run_dir / "samples.jsonl", self.step)
 
     def save(self) -> Path | None:
+        """Checkpoint on the main process. With LoRA, the checkpoint's model is a merged copy
+        (loadable by `from_pretrained`) and the adapter itself goes to `adapter/` for resuming."""
         path = None
         if self.is_main:
+            model, extra = self.model, None
+            if self.cfg.model.lora_rank:
+                import copy
+
+                model = copy.deepcopy(self.model).merge_and_unload()
+                extra = lambda tmp: self.model.save_pretrained(tmp / "adapter")  # noqa: E731
             path = save_checkpoint(
                 self.run_dir,
                 self.step,
-                unwrap_peft(self.model) if self.cfg.model.lora_rank == 0 else self.model,
+                model,
                 self.tokenizer,
                 self.optimizer,
                 self.scheduler,
                 {"sampler": self.sampler.state_dict(), "bad_steps": self.bad_steps},
                 keep=self.cfg.trainer.keep_checkpoints,
+                extra=extra,
             )
         if is_distributed():
             dist.barrier()

@@ -1,0 +1,364 @@
+"""Tokens/s of one full RL step (rollout, reward, log-probs, update) on a tiny model on CPU: forkrl vs TRL.
+
+Both frameworks train the same tiny random Qwen3 model (built by `save_tiny_model_dir`, ASCII
+tokenizer) on the same prompts (rendered with the paper template) with the same cheap
+deterministic reward (the share of vowels in the completion, so every group has varied rewards),
+and keep the top 20% highest-entropy tokens per micro-batch (forkrl `selection.*` defaults; TRL
+`top_entropy_quantile=0.2`). One step is: generate `prompts x group` responses in one batch of
+up to `--max-new-tokens` tokens, score them, compute advantages, then one optimizer step over all
+of them in micro-batches of `--micro-batch` sequences (fully on-policy, so neither framework needs
+a separate old-policy log-prob pass). forkrl runs without dynamic sampling, so both train on the
+same number of sequences.
+
+    tokens/s = generated response tokens (sum of response lengths, EOS included) / step wall time
+
+Each framework runs in its own subprocess with the same `torch.set_num_threads(--threads)` and
+`OMP_NUM_THREADS`; `--warmup` steps are run and dropped, then the median of `--repeats` steps is
+reported. The forkrl phases come from its `metrics.jsonl` (`generate_s`, `reward_s`,
+`old_logprobs_s`, `update_s`, `step_s`); TRL's are measured by wrapping `GRPOTrainer._generate`,
+`_calculate_rewards` and `_generate_and_score_completions` (update = step - all of rollout).
+A TRL step is timed from `on_step_begin` to the `on_log` of that step, so that, like forkrl's
+`step_s`, it includes computing and logging the step's metrics.
+
+    python benchmarks/train_step.py                  # 8 prompts x 8 responses, <= 64 tokens
+    python benchmarks/train_step.py --repeats 5 --threads 1
+    pip install trl accelerate                       # to add the TRL comparison
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+FRAMEWORKS = ("forkrl", "trl")
+FORKRL_PHASES = ("generate_s", "reward_s", "old_logprobs_s", "update_s")
+TRL_PHASES = ("generate_s", "reward_s", "other_rollout_s", "update_s")
+
+# Written into the work directory and imported by both frameworks (forkrl through
+# `reward.function=benchreward:forkrl_reward`, TRL as a `reward_funcs` entry).
+REWARD_MODULE = '''"""Benchmark reward: share of vowels in the completion (cheap, deterministic, varied)."""
+
+completion_tokens = []
+"""TRL: response tokens (EOS included) of each reward call, i.e. of each generation batch."""
+
+
+def vowel_fraction(text):
+    return sum(c in "aeiou" for c in text) / len(text) if text else 0.0
+
+
+def forkrl_reward(completion, example):
+    return vowel_fraction(completion)
+
+
+def trl_reward(completions, completion_ids, **kwargs):
+    completion_tokens.append(sum(len(ids) for ids in completion_ids))
+    return [vowel_fraction(c) for c in completions]
+'''
+
+
+def _questions(num_prompts: int) -> list[dict]:
+    return [{"question": f"what is {i} plus {i + 1}?", "answer": str(2 * i + 1)} for i in range(num_prompts)]
+
+
+def _prepare(args: argparse.Namespace, work: Path) -> None:
+    """Tiny model dir, prompts jsonl and reward module under `work`."""
+    from forkrl.models.tiny import save_tiny_model_dir
+
+    save_tiny_model_dir(
+        work / "model",
+        seed=0,
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_heads=args.heads,
+        num_kv_heads=args.kv_heads,
+        intermediate_size=4 * args.hidden,
+    )
+    rows = _questions(args.prompts)
+    (work / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (work / "benchreward.py").write_text(REWARD_MODULE)
+
+
+# ---------------------------------------------------------------------------------------- workers
+
+
+def _run_forkrl(args: argparse.Namespace, work: Path) -> dict:
+    from forkrl.config import load_config
+    from forkrl.train.trainer import Trainer
+
+    steps = args.warmup + args.repeats
+    overrides = {
+        "model.name": str(work / "model"),
+        "data.train_files": f"[{work / 'prompts.jsonl'}]",
+        "output_dir": str(work / "forkrl_run"),
+        "seed": 0,
+        "reward.function": "benchreward:forkrl_reward",
+        "reward.overlong_shaping": "false",  # TRL has no overlong shaping
+        "rollout.prompts_per_step": args.prompts,
+        "rollout.group_size": args.group,
+        "rollout.max_new_tokens": args.max_new_tokens,
+        "rollout.temperature": 1.0,
+        "rollout.generation_batch_size": args.prompts * args.group,  # one generate call, like TRL
+        "rollout.dynamic_sampling": "false",
+        "rollout.max_sampling_rounds": 1,
+        "selection.strategy": "top",
+        "selection.ratio": 0.2,
+        "selection.scope": "microbatch",  # TRL's entropy mask is per micro-batch too
+        "optim.lr": 1e-6,
+        "optim.mini_batch_size": args.prompts,  # one optimizer step per batch
+        "optim.micro_batch_size": args.micro_batch,
+        "trainer.total_steps": steps,
+        "trainer.save_every": 0,
+        "trainer.tensorboard": "false",
+        "trainer.device": "cpu",
+    }
+    cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
+    trainer = Trainer(cfg)
+    threads = torch.get_num_threads()
+    trainer.train()
+    records = [json.loads(line) for line in (work / "forkrl_run" / "metrics.jsonl").read_text().splitlines()]
+    out = []
+    for r in records:
+        tokens = r["tokens_per_s"] * r["step_s"]
+        out.append(
+            {
+                "step_s": r["step_s"],
+                "tokens": tokens,
+                "sequences": r.get("groups_trained", 0.0) * args.group,
+                "phases": {k: r.get(k, 0.0) for k in FORKRL_PHASES},
+                "threads": threads,
+            }
+        )
+    return {"steps": out}
+
+
+def _run_trl(args: argparse.Namespace, work: Path) -> dict:
+    import benchreward
+    import trl
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from forkrl.tasks.data import render_prompt
+
+    n_seq = args.prompts * args.group
+    if n_seq % args.micro_batch:
+        raise SystemExit(f"--micro-batch {args.micro_batch} must divide prompts x group = {n_seq}")
+    steps = args.warmup + args.repeats
+    dataset = Dataset.from_list([{"prompt": render_prompt(r["question"], "paper")} for r in _questions(args.prompts)])
+    config = GRPOConfig(
+        output_dir=str(work / "trl_run"),
+        seed=0,
+        num_generations=args.group,
+        per_device_train_batch_size=args.micro_batch,
+        gradient_accumulation_steps=n_seq // args.micro_batch,  # one optimizer step covers all n_seq
+        steps_per_generation=n_seq // args.micro_batch,  # ... and generates them all at once
+        num_iterations=1,
+        max_completion_length=args.max_new_tokens,
+        temperature=1.0,
+        top_entropy_quantile=0.2,
+        beta=0.0,
+        loss_type="dapo",
+        epsilon=0.2,
+        epsilon_high=0.28,
+        learning_rate=1e-6,
+        max_grad_norm=1.0,
+        use_vllm=False,
+        report_to=[],
+        bf16=False,
+        use_cpu=True,
+        logging_steps=1,
+        max_steps=steps,
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    assert config.generation_batch_size == n_seq, config.generation_batch_size
+    trainer = GRPOTrainer(
+        model=str(work / "model"), reward_funcs=[benchreward.trl_reward], args=config, train_dataset=dataset
+    )
+
+    phase_totals = {"generate_s": 0.0, "reward_s": 0.0, "rollout_s": 0.0, "generations": 0}
+
+    def timed(method, key):
+        def wrapper(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return method(*a, **kw)
+            finally:
+                phase_totals[key] += time.perf_counter() - t0
+                if key == "rollout_s":
+                    phase_totals["generations"] += 1
+
+        return wrapper
+
+    # Instance attributes shadow the class methods the trainer calls through `self`.
+    trainer._generate = timed(trainer._generate, "generate_s")
+    trainer._calculate_rewards = timed(trainer._calculate_rewards, "reward_s")
+    trainer._generate_and_score_completions = timed(trainer._generate_and_score_completions, "rollout_s")
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.steps: list[dict] = []
+            self.t0 = None
+
+        def on_step_begin(self, *_, **__):
+            torch.set_num_threads(args.threads)  # no-op unless something changed it
+            self.threads = torch.get_num_threads()
+            for key in phase_totals:
+                phase_totals[key] = 0
+            self.tokens_before = len(benchreward.completion_tokens)
+            self.t0 = time.perf_counter()
+
+        def on_log(self, *_, **__):
+            if self.t0 is None:  # the end-of-training summary
+                return
+            step_s = time.perf_counter() - self.t0
+            self.t0 = None
+            calls = benchreward.completion_tokens[self.tokens_before :]
+            generate, reward, rollout = (phase_totals[k] for k in ("generate_s", "reward_s", "rollout_s"))
+            self.steps.append(
+                {
+                    "step_s": step_s,
+                    "tokens": float(sum(calls)),
+                    "sequences": float(n_seq * phase_totals["generations"]),
+                    "generations": phase_totals["generations"],
+                    "phases": {
+                        "generate_s": generate,
+                        "reward_s": reward,
+                        "other_rollout_s": rollout - generate - reward,
+                        "update_s": step_s - rollout,
+                    },
+                    "threads": self.threads,
+                }
+            )
+
+    timer = StepTimer()
+    trainer.add_callback(timer)
+    trainer.train()
+    return {"steps": timer.steps, "version": trl.__version__}
+
+
+def _worker(args: argparse.Namespace) -> None:
+    work = Path(args.work)
+    sys.path.insert(0, str(work))
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    result = _run_forkrl(args, work) if args.worker == "forkrl" else _run_trl(args, work)
+    print("RESULT " + json.dumps(result))
+
+
+# ---------------------------------------------------------------------------------------- driver
+
+
+def _spawn(args: argparse.Namespace, framework: str, work: Path) -> dict:
+    cmd = [sys.executable, __file__, "--worker", framework, "--work", str(work)]
+    for key in ("prompts", "group", "max_new_tokens", "micro_batch", "warmup", "repeats", "threads"):
+        cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    load_before = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    if out.returncode != 0 or not lines:
+        tail = "\n".join((out.stderr or out.stdout).strip().splitlines()[-15:])
+        return {"error": f"exit code {out.returncode}\n{tail}"}
+    result = json.loads(lines[-1][len("RESULT ") :])
+    result.update(load_before=load_before, load_after=os.getloadavg()[0], wall_s=wall)
+    return result
+
+
+def _summary(result: dict, warmup: int) -> dict:
+    measured = result["steps"][warmup:]
+    phases = {k: statistics.median(s["phases"][k] for s in measured) for k in measured[0]["phases"]}
+    return {
+        "step_s": statistics.median(s["step_s"] for s in measured),
+        "tokens": statistics.median(s["tokens"] for s in measured),
+        "tokens_per_s": statistics.median(s["tokens"] / s["step_s"] for s in measured),
+        "phases": phases,
+    }
+
+
+def _print_steps(name: str, result: dict, warmup: int) -> None:
+    print(
+        f"\n{name}: load avg {result['load_before']:.2f} -> {result['load_after']:.2f}, "
+        f"process wall {result['wall_s']:.1f} s" + (f", version {result['version']}" if "version" in result else "")
+    )
+    for i, s in enumerate(result["steps"]):
+        tag = "warmup" if i < warmup else "step"
+        phases = "  ".join(f"{k.removesuffix('_s')} {v:6.2f}" for k, v in s["phases"].items())
+        extra = f"  gens {s['generations']}" if "generations" in s else ""
+        print(
+            f"  {tag:>6} {i + 1}: {s['step_s']:6.2f} s  {s['tokens']:6.0f} tok  {s['tokens'] / s['step_s']:7.1f} tok/s"
+            f"  seqs {s['sequences']:.0f}  threads {s['threads']}{extra}  | {phases}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=8, help="prompts per step")
+    parser.add_argument("--group", type=int, default=8, help="responses per prompt (G)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="max response length")
+    parser.add_argument("--micro-batch", type=int, default=16, help="sequences per forward/backward")
+    parser.add_argument("--warmup", type=int, default=1, help="steps run and dropped")
+    parser.add_argument("--repeats", type=int, default=3, help="measured steps (median)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--hidden", type=int, default=128, help="tiny model hidden size")
+    parser.add_argument("--layers", type=int, default=4, help="tiny model layers")
+    parser.add_argument("--heads", type=int, default=4, help="attention heads")
+    parser.add_argument("--kv-heads", type=int, default=2, help="key/value heads")
+    parser.add_argument("--frameworks", nargs="+", default=list(FRAMEWORKS), choices=FRAMEWORKS)
+    parser.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        _worker(args)
+        return
+
+    print(
+        f"torch={torch.__version__} threads={args.threads} model: qwen3 hidden={args.hidden} layers={args.layers} "
+        f"| {args.prompts} prompts x {args.group} responses, <= {args.max_new_tokens} new tokens, "
+        f"micro-batch {args.micro_batch}, 1 optimizer step per batch, top 20% entropy tokens "
+        f"| warmup {args.warmup}, median of {args.repeats}"
+    )
+    frameworks = list(args.frameworks)
+    if "trl" in frameworks and importlib.util.find_spec("trl") is None:
+        print("TRL not installed: pip install trl to compare")
+        frameworks.remove("trl")
+
+    summaries: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="forkrl_bench_") as tmp:
+        work = Path(tmp)
+        _prepare(args, work)
+        for name in frameworks:
+            result = _spawn(args, name, work)
+            if "error" in result:
+                print(f"\n{name}: failed: {result['error']}")
+                continue
+            _print_steps(name, result, args.warmup)
+            summaries[name] = _summary(result, args.warmup)
+
+    if not summaries:
+        return
+    print(f"\n{'framework':>9} | {'step s':>7} | {'tokens':>6} | {'tokens/s':>8} | phases (median s)")
+    for name, s in summaries.items():
+        phases = "  ".join(f"{k.removesuffix('_s')} {v:.2f}" for k, v in s["phases"].items())
+        print(f"{name:>9} | {s['step_s']:7.2f} | {s['tokens']:6.0f} | {s['tokens_per_s']:8.1f} | {phases}")
+    if "forkrl" in summaries and "trl" in summaries:
+        ratio = summaries["forkrl"]["tokens_per_s"] / summaries["trl"]["tokens_per_s"]
+        print(f"\nforkrl / TRL tokens/s: {ratio:.2f}x (goal >= 1.5x)")
+
+
+if __name__ == "__main__":
+    main()
