@@ -16,9 +16,26 @@ from forkrl.train.trainer import TrainingStopped, run_training
 from tests.train.conftest import tiny_overrides
 
 REQUIRED_METRICS = [
-    "reward", "accuracy", "response_length", "entropy", "entropy_kept", "entropy_threshold", "kept_frac",
-    "clip_frac_low", "clip_frac_high", "approx_kl_old", "cov_mean", "cov_pos_frac", "tokens_per_s",
-    "generate_s", "reward_s", "old_logprobs_s", "update_s", "grad_norm", "loss", "groups_trained",
+    "reward",
+    "accuracy",
+    "response_length",
+    "entropy",
+    "entropy_kept",
+    "entropy_threshold",
+    "kept_frac",
+    "clip_frac_low",
+    "clip_frac_high",
+    "approx_kl_old",
+    "cov_mean",
+    "cov_pos_frac",
+    "tokens_per_s",
+    "generate_s",
+    "reward_s",
+    "old_logprobs_s",
+    "update_s",
+    "grad_norm",
+    "loss",
+    "groups_trained",
     *[f"entropy_p{p}" for p in range(0, 101, 10)],
 ]
 
@@ -53,9 +70,15 @@ class TestTrainTinyModel:
     def test_eval_every_n_steps(self, tiny_model_dir, prompts_file, tmp_path):
         out = tmp_path / "run"
         overrides = tiny_overrides(
-            tiny_model_dir, prompts_file, str(out),
-            **{"data.eval_files": f"[{prompts_file}]", "trainer.eval_every": 2, "trainer.eval_samples": 2,
-               "trainer.eval_max_new_tokens": 6},
+            tiny_model_dir,
+            prompts_file,
+            str(out),
+            **{
+                "data.eval_files": f"[{prompts_file}]",
+                "trainer.eval_every": 2,
+                "trainer.eval_samples": 2,
+                "trainer.eval_max_new_tokens": 6,
+            },
         )
         run_training(None, overrides)
         records = _records(out)
@@ -77,9 +100,15 @@ class TestTrainTinyModel:
         for fn, counter in (("always_raises", "reward_errors"), ("hangs", "reward_timeouts")):
             out = tmp_path / fn
             overrides = tiny_overrides(
-                tiny_model_dir, prompts_file, str(out),
-                **{"reward.function": f"tests.train.reward_fns:{fn}", "reward.timeout_s": 0.2,
-                   "trainer.total_steps": 1, "rollout.max_sampling_rounds": 1},
+                tiny_model_dir,
+                prompts_file,
+                str(out),
+                **{
+                    "reward.function": f"tests.train.reward_fns:{fn}",
+                    "reward.timeout_s": 0.2,
+                    "trainer.total_steps": 1,
+                    "rollout.max_sampling_rounds": 1,
+                },
             )
             metrics = run_training(None, overrides)
             # every one of the 8 responses fell back to 0, and nothing was trained on
@@ -96,8 +125,9 @@ class TestTrainTinyModel:
 
         monkeypatch.setattr(trainer_module, "compute_policy_loss", nan_loss)
         out = tmp_path / "nan"
-        overrides = tiny_overrides(tiny_model_dir, prompts_file, str(out),
-                                   **{"trainer.max_bad_steps": 2, "trainer.total_steps": 5})
+        overrides = tiny_overrides(
+            tiny_model_dir, prompts_file, str(out), **{"trainer.max_bad_steps": 2, "trainer.total_steps": 5}
+        )
         with pytest.raises(TrainingStopped, match="2 consecutive optimizer steps had a NaN/inf"):
             run_training(None, overrides)
         saved = out / "checkpoints" / "step_000002"
@@ -141,8 +171,17 @@ def test_two_processes_equal_one_process(tiny_model_dir, prompts_file, tmp_path)
     one = tmp_path / "one"
     run_training(None, tiny_overrides(tiny_model_dir, prompts_file, str(one), **common))
     two = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-           "-m", "forkrl.cli", "train", *tiny_overrides(tiny_model_dir, prompts_file, str(two), **common)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29533",
+        "-m",
+        "forkrl.cli",
+        "train",
+        *tiny_overrides(tiny_model_dir, prompts_file, str(two), **common),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=Path(__file__).parents[2])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -154,7 +193,9 @@ def test_two_processes_equal_one_process(tiny_model_dir, prompts_file, tmp_path)
 def test_lora_trains_adapter_saves_merged_model_and_resumes(tiny_model_dir, prompts_file, tmp_path):
     lora = {"model.lora_rank": 4, "model.lora_target_modules": "[q_proj, v_proj]"}
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_training(None, tiny_overrides(tiny_model_dir, prompts_file, str(straight), **lora, **{"trainer.total_steps": 3}))
+    run_training(
+        None, tiny_overrides(tiny_model_dir, prompts_file, str(straight), **lora, **{"trainer.total_steps": 3})
+    )
     run_training(None, tiny_overrides(tiny_model_dir, prompts_file, str(resumed), **lora, **{"trainer.total_steps": 2}))
     run_training(None, ["trainer.total_steps=3"], resume=str(resumed))
     final = straight / "checkpoints" / "step_000003"
