@@ -116,6 +116,10 @@ def eval_command(
     )
 
 
+from forkrl.analysis.cli import app as analyze_app  # noqa: E402  (grouped with its registration)
+
+app.add_typer(analyze_app, name="analyze")
+
 config_app = typer.Typer(help="Inspect training configs.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 

@@ -20,8 +20,6 @@ from typing import Any
 import numpy as np
 import yaml
 
-from forkrl.train.logging import atomic_write_text
-
 __all__ = [
     "Run",
     "RunError",
@@ -30,9 +28,8 @@ __all__ = [
     "load_run",
     "load_runs",
     "mean_and_stderr",
-    "new_figure",
+    "resolve_accuracy_key",
     "selection_label",
-    "write_json",
 ]
 
 GROUPING_IGNORED_KEYS = frozenset(
@@ -112,9 +109,7 @@ class Run:
         if not self.config:
             return None
         flat = _flatten(self.config)
-        kept = {
-            k: v for k, v in flat.items() if k not in GROUPING_IGNORED_KEYS and k.rsplit(".", 1)[-1] != "seed"
-        }
+        kept = {k: v for k, v in flat.items() if k not in GROUPING_IGNORED_KEYS and k.rsplit(".", 1)[-1] != "seed"}
         return tuple(sorted((k, json.dumps(v, sort_keys=True, default=str)) for k, v in kept.items()))
 
 
@@ -201,6 +196,19 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def resolve_accuracy_key(run: Run, key: str) -> str:
+    """`key` itself when the run logs it, else `eval/<key>/acc_at_k` (so `aime24` names a benchmark)."""
+    if run.has_metric(key):
+        return key
+    if run.has_metric(f"eval/{key}/acc_at_k"):
+        return f"eval/{key}/acc_at_k"
+    choices = [k for k in run.metric_keys() if k == "accuracy" or k.endswith("/acc_at_k")]
+    raise RunError(
+        f"{run.metrics_file}: no accuracy metric {key!r} (nor eval/{key}/acc_at_k); "
+        f"choose one of: {', '.join(choices) or 'none logged'}"
+    )
+
+
 # ---------------------------------------------------------------------------- labels and seeds
 
 
@@ -279,40 +287,3 @@ def mean_and_stderr(values: Sequence[float]) -> tuple[float, float | None]:
     if x.size < 2:
         return float(x[0]), None
     return float(x.mean()), float(x.std(ddof=1) / math.sqrt(x.size))
-
-
-# ---------------------------------------------------------------------------- output helpers
-
-
-def _finite_or_none(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, (np.floating, np.integer)):
-        return _finite_or_none(obj.item())
-    if isinstance(obj, np.ndarray):
-        return [_finite_or_none(v) for v in obj.tolist()]
-    if isinstance(obj, dict):
-        return {str(k): _finite_or_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite_or_none(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write `obj` as indented JSON (NaN/inf as null, numpy scalars and arrays as numbers/lists)."""
-    atomic_write_text(path, json.dumps(_finite_or_none(obj), indent=2, allow_nan=False) + "\n")
-
-
-def new_figure(**kwargs: Any):
-    """A matplotlib `Figure` drawn with the Agg canvas, outside pyplot: no global backend switch,
-    no figure registry to leak, safe in notebooks and threads. Save it with `fig.savefig(path)`."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as err:
-        raise ImportError("the analysis plots need matplotlib: pip install 'forkrl[plots]'") from err
-    fig = Figure(**kwargs)
-    FigureCanvasAgg(fig)
-    return fig

@@ -25,12 +25,9 @@ batch sizes pad differently and may change samples.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +36,7 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from forkrl.io import atomic_write_json, atomic_write_text
 from forkrl.rollout.base import GenerationBackend, SamplingParams
 from forkrl.rollout.hf import HFGenerationBackend
 from forkrl.tasks.data import PromptExample, load_prompts
@@ -350,23 +348,9 @@ def write_eval_report(report: EvalReport, out_dir: str | os.PathLike, include_de
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(out / "eval.json", json.dumps(report.to_json(include_details), indent=2) + "\n")
-    _atomic_write_text(out / "eval.md", report.to_markdown())
+    atomic_write_json(out / "eval.json", report.to_json(include_details))
+    atomic_write_text(out / "eval.md", report.to_markdown())
     return out
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 # ---------------------------------------------------------------------------- CLI

@@ -8,16 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` via a temp file in the same directory and an atomic rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+from forkrl.io import atomic_write_text
 
 
 def truncate_jsonl_after_step(path: str | os.PathLike, step: int) -> None:

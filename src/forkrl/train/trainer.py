@@ -33,6 +33,7 @@ from forkrl.algo.advantages import compute_advantages
 from forkrl.algo.losses import PolicyLossInput, compute_policy_loss, loss_denominators
 from forkrl.config import Config, dump_config, load_config
 from forkrl.distributed import is_distributed
+from forkrl.io import atomic_write_text
 from forkrl.metrics import MetricSums
 from forkrl.models.loading import load_policy
 from forkrl.models.scoring import ResponseScorer, score_responses
@@ -42,7 +43,7 @@ from forkrl.rollout.hf import HFGenerationBackend
 from forkrl.tasks.data import PromptExample, PromptSampler, load_prompts
 from forkrl.tasks.rewards import RewardComputer, overlong_penalty
 from forkrl.train.checkpoint import latest_checkpoint, load_trainer_state, restore_rng_state, save_checkpoint
-from forkrl.train.logging import RunLogger, atomic_write_text, truncate_jsonl_after_step
+from forkrl.train.logging import RunLogger, truncate_jsonl_after_step
 
 PERCENTILES = tuple(range(0, 101, 10))
 
