@@ -8,7 +8,8 @@ and keep the top 20% highest-entropy tokens per micro-batch (forkrl `selection.*
 up to `--max-new-tokens` tokens, score them, compute advantages, then one optimizer step over all
 of them in micro-batches of `--micro-batch` sequences (fully on-policy, so neither framework needs
 a separate old-policy log-prob pass). forkrl runs without dynamic sampling, so both train on the
-same number of sequences.
+same number of sequences. Gradient checkpointing is off in both (`--gradient-checkpointing` turns
+it on in both; TRL's own default is on, which costs it 10-15% of a step here).
 
     tokens/s = generated response tokens (sum of response lengths, EOS included) / step wall time
 
@@ -19,6 +20,11 @@ reported. The forkrl phases come from its `metrics.jsonl` (`generate_s`, `reward
 `_calculate_rewards` and `_generate_and_score_completions` (update = step - all of rollout).
 A TRL step is timed from `on_step_begin` to the `on_log` of that step, so that, like forkrl's
 `step_s`, it includes computing and logging the step's metrics.
+
+The machine may be shared: each step also reports its process CPU time (`cpu-s`, all threads),
+and `tok/cpu-s` is the figure to compare when the load average exceeds the core count (then
+wall times of multi-threaded runs swing by 2-10x). `--rounds N` alternates the frameworks N times
+and pools their measured steps, so both see the same drift in load.
 
     python benchmarks/train_step.py                  # 8 prompts x 8 responses, <= 64 tokens
     python benchmarks/train_step.py --repeats 5 --threads 1
@@ -42,7 +48,6 @@ import torch
 
 FRAMEWORKS = ("forkrl", "trl")
 FORKRL_PHASES = ("generate_s", "reward_s", "old_logprobs_s", "update_s")
-TRL_PHASES = ("generate_s", "reward_s", "other_rollout_s", "update_s")
 
 # Written into the work directory and imported by both frameworks (forkrl through
 # `reward.function=benchreward:forkrl_reward`, TRL as a `reward_funcs` entry).
@@ -96,10 +101,12 @@ def _run_forkrl(args: argparse.Namespace, work: Path) -> dict:
     from forkrl.train.trainer import Trainer
 
     steps = args.warmup + args.repeats
+    run_dir = Path(tempfile.mkdtemp(prefix="forkrl_run_", dir=work))  # fresh per round
     overrides = {
         "model.name": str(work / "model"),
+        "model.gradient_checkpointing": str(args.gradient_checkpointing).lower(),
         "data.train_files": f"[{work / 'prompts.jsonl'}]",
-        "output_dir": str(work / "forkrl_run"),
+        "output_dir": str(run_dir),
         "seed": 0,
         "reward.function": "benchreward:forkrl_reward",
         "reward.overlong_shaping": "false",  # TRL has no overlong shaping
@@ -124,14 +131,24 @@ def _run_forkrl(args: argparse.Namespace, work: Path) -> dict:
     cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
     trainer = Trainer(cfg)
     threads = torch.get_num_threads()
+    # The logger is called once at the end of every step: CPU time between calls is the step's.
+    cpu_marks = [time.process_time()]
+    log = trainer.logger.log
+
+    def log_and_mark(step, metrics):
+        log(step, metrics)
+        cpu_marks.append(time.process_time())
+
+    trainer.logger.log = log_and_mark
     trainer.train()
-    records = [json.loads(line) for line in (work / "forkrl_run" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     out = []
-    for r in records:
+    for i, r in enumerate(records):
         tokens = r["tokens_per_s"] * r["step_s"]
         out.append(
             {
                 "step_s": r["step_s"],
+                "cpu_s": cpu_marks[i + 1] - cpu_marks[i],
                 "tokens": tokens,
                 "sequences": r.get("groups_trained", 0.0) * args.group,
                 "phases": {k: r.get(k, 0.0) for k in FORKRL_PHASES},
@@ -156,7 +173,7 @@ def _run_trl(args: argparse.Namespace, work: Path) -> dict:
     steps = args.warmup + args.repeats
     dataset = Dataset.from_list([{"prompt": render_prompt(r["question"], "paper")} for r in _questions(args.prompts)])
     config = GRPOConfig(
-        output_dir=str(work / "trl_run"),
+        output_dir=tempfile.mkdtemp(prefix="trl_run_", dir=work),
         seed=0,
         num_generations=args.group,
         per_device_train_batch_size=args.micro_batch,
@@ -172,6 +189,7 @@ def _run_trl(args: argparse.Namespace, work: Path) -> dict:
         epsilon_high=0.28,
         learning_rate=1e-6,
         max_grad_norm=1.0,
+        gradient_checkpointing=args.gradient_checkpointing,  # TRL's default is True, forkrl's False
         use_vllm=False,
         report_to=[],
         bf16=False,
@@ -179,7 +197,6 @@ def _run_trl(args: argparse.Namespace, work: Path) -> dict:
         logging_steps=1,
         max_steps=steps,
         save_strategy="no",
-        disable_tqdm=True,
         dataloader_num_workers=0,
     )
     assert config.generation_batch_size == n_seq, config.generation_batch_size
@@ -217,18 +234,21 @@ def _run_trl(args: argparse.Namespace, work: Path) -> dict:
             for key in phase_totals:
                 phase_totals[key] = 0
             self.tokens_before = len(benchreward.completion_tokens)
+            self.cpu0 = time.process_time()
             self.t0 = time.perf_counter()
 
         def on_log(self, *_, **__):
             if self.t0 is None:  # the end-of-training summary
                 return
             step_s = time.perf_counter() - self.t0
+            cpu_s = time.process_time() - self.cpu0
             self.t0 = None
             calls = benchreward.completion_tokens[self.tokens_before :]
             generate, reward, rollout = (phase_totals[k] for k in ("generate_s", "reward_s", "rollout_s"))
             self.steps.append(
                 {
                     "step_s": step_s,
+                    "cpu_s": cpu_s,
                     "tokens": float(sum(calls)),
                     "sequences": float(n_seq * phase_totals["generations"]),
                     "generations": phase_totals["generations"],
@@ -264,6 +284,8 @@ def _spawn(args: argparse.Namespace, framework: str, work: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", framework, "--work", str(work)]
     for key in ("prompts", "group", "max_new_tokens", "micro_batch", "warmup", "repeats", "threads"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    if args.gradient_checkpointing:
+        cmd.append("--gradient-checkpointing")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     env["TOKENIZERS_PARALLELISM"] = "false"
     load_before = os.getloadavg()[0]
@@ -279,14 +301,16 @@ def _spawn(args: argparse.Namespace, framework: str, work: Path) -> dict:
     return result
 
 
-def _summary(result: dict, warmup: int) -> dict:
-    measured = result["steps"][warmup:]
-    phases = {k: statistics.median(s["phases"][k] for s in measured) for k in measured[0]["phases"]}
+def _summary(measured: list[dict]) -> dict:
+    """Medians over the measured steps (warmup already dropped), pooled over rounds."""
     return {
+        "steps": len(measured),
         "step_s": statistics.median(s["step_s"] for s in measured),
+        "cpu_s": statistics.median(s["cpu_s"] for s in measured),
         "tokens": statistics.median(s["tokens"] for s in measured),
         "tokens_per_s": statistics.median(s["tokens"] / s["step_s"] for s in measured),
-        "phases": phases,
+        "tokens_per_cpu_s": statistics.median(s["tokens"] / s["cpu_s"] for s in measured),
+        "phases": {k: statistics.median(s["phases"][k] for s in measured) for k in measured[0]["phases"]},
     }
 
 
@@ -297,11 +321,12 @@ def _print_steps(name: str, result: dict, warmup: int) -> None:
     )
     for i, s in enumerate(result["steps"]):
         tag = "warmup" if i < warmup else "step"
-        phases = "  ".join(f"{k.removesuffix('_s')} {v:6.2f}" for k, v in s["phases"].items())
+        phases = "  ".join(f"{k.removesuffix('_s')} {v:5.2f}" for k, v in s["phases"].items())
         extra = f"  gens {s['generations']}" if "generations" in s else ""
         print(
-            f"  {tag:>6} {i + 1}: {s['step_s']:6.2f} s  {s['tokens']:6.0f} tok  {s['tokens'] / s['step_s']:7.1f} tok/s"
-            f"  seqs {s['sequences']:.0f}  threads {s['threads']}{extra}  | {phases}"
+            f"  {tag:>6} {i + 1}: {s['step_s']:6.2f} s ({s['cpu_s']:6.2f} cpu-s)  {s['tokens']:5.0f} tok"
+            f"  {s['tokens'] / s['step_s']:6.1f} tok/s  seqs {s['sequences']:.0f}  threads {s['threads']}{extra}"
+            f"  | {phases}"
         )
 
 
@@ -314,6 +339,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="steps run and dropped")
     parser.add_argument("--repeats", type=int, default=3, help="measured steps (median)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--rounds", type=int, default=1, help="alternating runs of each framework (pooled)")
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute activations in backward in both frameworks (TRL's own default; forkrl's is off)",
+    )
     parser.add_argument("--hidden", type=int, default=128, help="tiny model hidden size")
     parser.add_argument("--layers", type=int, default=4, help="tiny model layers")
     parser.add_argument("--heads", type=int, default=4, help="attention heads")
@@ -329,35 +360,57 @@ def main() -> None:
     print(
         f"torch={torch.__version__} threads={args.threads} model: qwen3 hidden={args.hidden} layers={args.layers} "
         f"| {args.prompts} prompts x {args.group} responses, <= {args.max_new_tokens} new tokens, "
-        f"micro-batch {args.micro_batch}, 1 optimizer step per batch, top 20% entropy tokens "
+        f"micro-batch {args.micro_batch}, 1 optimizer step per batch, top 20% entropy tokens, "
+        f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'} "
         f"| warmup {args.warmup}, median of {args.repeats}"
     )
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if args.threads > 1 and load + args.threads > cores:
+        print(
+            f"warning: load average {load:.2f} + {args.threads} threads > {cores} CPUs: multi-threaded steps "
+            "stall on descheduled threads and both wall and CPU times swing by several x; use --threads 1 "
+            "and compare tok/cpu-s"
+        )
     frameworks = list(args.frameworks)
     if "trl" in frameworks and importlib.util.find_spec("trl") is None:
         print("TRL not installed: pip install trl to compare")
         frameworks.remove("trl")
 
-    summaries: dict[str, dict] = {}
+    measured: dict[str, list[dict]] = {name: [] for name in frameworks}
     with tempfile.TemporaryDirectory(prefix="forkrl_bench_") as tmp:
         work = Path(tmp)
         _prepare(args, work)
-        for name in frameworks:
-            result = _spawn(args, name, work)
-            if "error" in result:
-                print(f"\n{name}: failed: {result['error']}")
-                continue
-            _print_steps(name, result, args.warmup)
-            summaries[name] = _summary(result, args.warmup)
+        # Alternate the frameworks round by round, so that both see the same drift in machine load.
+        for round_index in range(args.rounds):
+            for name in frameworks:
+                result = _spawn(args, name, work)
+                label = name if args.rounds == 1 else f"{name} (round {round_index + 1})"
+                if "error" in result:
+                    print(f"\n{label}: failed: {result['error']}")
+                    continue
+                _print_steps(label, result, args.warmup)
+                measured[name] += result["steps"][args.warmup :]
 
+    summaries = {name: _summary(steps) for name, steps in measured.items() if steps}
     if not summaries:
         return
-    print(f"\n{'framework':>9} | {'step s':>7} | {'tokens':>6} | {'tokens/s':>8} | phases (median s)")
+    print(
+        f"\n{'framework':>9} | {'steps':>5} | {'step s':>6} | {'cpu-s':>6} | {'tokens':>6} | {'tokens/s':>8} "
+        f"| {'tok/cpu-s':>9} | phases (median s)"
+    )
     for name, s in summaries.items():
         phases = "  ".join(f"{k.removesuffix('_s')} {v:.2f}" for k, v in s["phases"].items())
-        print(f"{name:>9} | {s['step_s']:7.2f} | {s['tokens']:6.0f} | {s['tokens_per_s']:8.1f} | {phases}")
+        print(
+            f"{name:>9} | {s['steps']:5d} | {s['step_s']:6.2f} | {s['cpu_s']:6.2f} | {s['tokens']:6.0f} "
+            f"| {s['tokens_per_s']:8.1f} | {s['tokens_per_cpu_s']:9.1f} | {phases}"
+        )
     if "forkrl" in summaries and "trl" in summaries:
-        ratio = summaries["forkrl"]["tokens_per_s"] / summaries["trl"]["tokens_per_s"]
-        print(f"\nforkrl / TRL tokens/s: {ratio:.2f}x (goal >= 1.5x)")
+        fk, trl = summaries["forkrl"], summaries["trl"]
+        print(
+            f"\nforkrl / TRL: tokens/s {fk['tokens_per_s'] / trl['tokens_per_s']:.2f}x (goal >= 1.5x), "
+            f"tokens per CPU-second {fk['tokens_per_cpu_s'] / trl['tokens_per_cpu_s']:.2f}x"
+        )
+    print(f"load average now: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
 
 
 if __name__ == "__main__":
