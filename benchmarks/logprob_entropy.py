@@ -12,7 +12,9 @@ see each other's allocator caches. Memory is the peak *extra* over what the inpu
 already use: on CPU the kernel's VmHWM after resetting it through /proc/self/clear_refs,
 minus VmRSS just before the run; on CUDA `torch.cuda.max_memory_allocated` minus the
 allocation before the run. Parameter gradients (`[V, H]` for the weight) count as extra
-for every variant alike. Time is the median of `--repeats` runs after one warm-up run.
+for every variant alike. Each process times its one full run (after a tiny warm-up
+that starts thread pools); `--repeats` rounds interleave the variants, and the table
+shows medians over rounds.
 
     python benchmarks/logprob_entropy.py                 # N=4096, H=1024, V=65536 and 151936
     python benchmarks/logprob_entropy.py --quick         # small shapes, seconds
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -76,7 +79,7 @@ def _worker(args: argparse.Namespace) -> dict:
     coef_ent = torch.randn(n, generator=gen).to(device)
     chunk = args.chunk_size
 
-    def step() -> None:
+    def step(hidden, weight, targets, coef_logp, coef_ent) -> None:
         hidden.grad, weight.grad = None, None
         if args.variant == "fused":
             logp, ent = fused_linear_logprobs_and_entropy(hidden, weight, targets, chunk_size=chunk)
@@ -91,31 +94,34 @@ def _worker(args: argparse.Namespace) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    # Peak memory of the first (cold) run, before any allocator cache from earlier runs.
+    # Start thread pools and BLAS workspaces on a tiny problem first, so that their one-off
+    # allocations do not count as the variant's extra memory.
+    tiny = [t[:16].detach().requires_grad_(t.requires_grad) for t in (hidden, weight)]
+    step(*tiny, targets[:16] % 16, coef_logp[:16], coef_ent[:16])
+    del tiny
+    inputs = (hidden, weight, targets, coef_logp, coef_ent)
+
+    # One full run per process: its peak memory is not blurred by allocator caches from
+    # earlier runs, and it pays the page faults a real training step pays on CPU too (glibc
+    # hands large blocks back to the kernel when they are freed).
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        step()
-        first = time.perf_counter() - t0
+        step(*inputs)
+        elapsed = time.perf_counter() - t0
         extra = torch.cuda.max_memory_allocated() - before
     else:
         before = _read_proc_kib("VmRSS") * 1024
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current RSS
         t0 = time.perf_counter()
-        step()
-        first = time.perf_counter() - t0
+        step(*inputs)
+        elapsed = time.perf_counter() - t0
         extra = _read_proc_kib("VmHWM") * 1024 - before
-
-    times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return {"time_s": statistics.median(times) if times else first, "extra_bytes": extra}
+    return {"time_s": elapsed, "extra_bytes": extra}
 
 
 def _run_variant(args: argparse.Namespace, variant: str, vocab: int) -> dict:
@@ -134,8 +140,6 @@ def _run_variant(args: argparse.Namespace, variant: str, vocab: int) -> dict:
         args.device,
         "--dtype",
         args.dtype,
-        "--repeats",
-        str(args.repeats),
         "--threads",
         str(args.threads),
     ]
@@ -147,10 +151,6 @@ def _run_variant(args: argparse.Namespace, variant: str, vocab: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _fmt_mib(num_bytes: float) -> str:
-    return f"{num_bytes / 2**20:9.0f}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -158,7 +158,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096, help="N, rows of hidden states")
     parser.add_argument("--hidden", type=int, default=1024, help="H, hidden size")
     parser.add_argument("--vocab", type=int, nargs="+", default=[65536, 151936], help="V values")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per variant, interleaved (median)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--chunk-size", type=int, default=None, help="rows per chunk (default: auto)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
@@ -175,41 +175,55 @@ def main() -> None:
 
     print(
         f"device={args.device} dtype={args.dtype} threads={args.threads} N={args.tokens} "
-        f"H={args.hidden} repeats={args.repeats} torch={torch.__version__}"
+        f"H={args.hidden} repeats={args.repeats} torch={torch.__version__} "
+        f"loadavg={os.getloadavg()[0]:.1f}"
     )
     header = f"{'V':>7} {'variant':>8} {'chunk':>6} {'time s':>8} {'extra MiB':>10}"
     for vocab in args.vocab:
-        chunk = args.chunk_size or default_chunk_rows(vocab)
+        chunks = {
+            "chunked": args.chunk_size or default_chunk_rows(vocab, args.device),
+            "fused": args.chunk_size or default_chunk_rows(vocab, args.device, fused=True),
+        }
         print(f"\n{header}")
-        results: dict[str, dict] = {}
-        for variant in args.variants:
-            naive_bytes = NAIVE_NV_TENSORS * args.tokens * vocab * 4
-            if variant == "naive" and args.device == "cpu" and naive_bytes > 0.85 * _mem_available_bytes():
-                reason = (
-                    f"skipped: needs ~{naive_bytes / 2**30:.1f} GiB, "
-                    f"{_mem_available_bytes() / 2**30:.1f} GiB available"
-                )
-                print(f"{vocab:>7} {variant:>8} {'-':>6} {reason}")
+        variants = list(args.variants)
+        naive_bytes = NAIVE_NV_TENSORS * args.tokens * vocab * 4
+        available = _mem_available_bytes()
+        if "naive" in variants and args.device == "cpu" and naive_bytes > 0.85 * available:
+            variants.remove("naive")
+            reason = f"skipped: needs ~{naive_bytes / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available"
+            print(f"{vocab:>7} {'naive':>8} {'-':>6} {reason}")
+        # Rounds interleave the variants so that load from other processes on a shared
+        # machine hits them alike; each figure is the median over rounds.
+        runs: dict[str, list[dict]] = {v: [] for v in variants}
+        errors: dict[str, str] = {}
+        for _ in range(max(1, args.repeats)):
+            for variant in variants:
+                if variant not in errors:
+                    res = _run_variant(args, variant, vocab)
+                    if "error" in res:
+                        errors[variant] = res["error"]
+                    else:
+                        runs[variant].append(res)
+        results = {}
+        for variant in variants:
+            if variant in errors:
+                print(f"{vocab:>7} {variant:>8} {'-':>6} failed: {errors[variant]}")
                 continue
-            res = _run_variant(args, variant, vocab)
-            results[variant] = res
-            if "error" in res:
-                print(f"{vocab:>7} {variant:>8} {'-':>6} failed: {res['error']}")
-                continue
-            chunk_col = "-" if variant == "naive" else str(chunk)
+            results[variant] = {key: statistics.median(r[key] for r in runs[variant]) for key in runs[variant][0]}
             print(
-                f"{vocab:>7} {variant:>8} {chunk_col:>6} {res['time_s']:8.2f} "
-                f"{_fmt_mib(res['extra_bytes']):>10}",
+                f"{vocab:>7} {variant:>8} {chunks.get(variant, '-'):>6} {results[variant]['time_s']:8.2f} "
+                f"{results[variant]['extra_bytes'] / 2**20:10.0f}",
                 flush=True,
             )
-        base = results.get("naive")
-        if base and "error" not in base:
+        if "naive" in results:
+            base = results["naive"]
             for variant in ("chunked", "fused"):
-                res = results.get(variant)
-                if res and "error" not in res:
-                    mem_ratio = res["extra_bytes"] / base["extra_bytes"]
-                    time_ratio = res["time_s"] / base["time_s"]
+                if variant in results:
+                    mem_ratio = results[variant]["extra_bytes"] / base["extra_bytes"]
+                    time_ratio = results[variant]["time_s"] / base["time_s"]
                     print(f"{vocab:>7} {variant}/naive: extra mem {mem_ratio:.3f}x, time {time_ratio:.2f}x")
+    # Timings on a shared machine are only as good as its idleness; say how busy it was.
+    print(f"\nloadavg at end: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

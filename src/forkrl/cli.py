@@ -120,6 +120,58 @@ from forkrl.analysis.cli import app as analyze_app  # noqa: E402  (grouped with 
 
 app.add_typer(analyze_app, name="analyze")
 
+
+@app.command("demo", epilog="Example: forkrl demo --steps 40 --strategy top --ratio 0.2 --seed 0 --out runs/demo")
+def demo(
+    steps: int = typer.Option(40, "--steps", help="RL steps (32 prompts x 8 responses each)."),
+    strategy: str = typer.Option("top", "--strategy", help="top, all, bottom or random."),
+    ratio: float = typer.Option(0.2, "--ratio", help="ρ: fraction of tokens kept by top/bottom/random."),
+    seed: int = typer.Option(0, "--seed"),
+    out: str = typer.Option("runs/demo", "--out", help="Run directory (report.md, plots, metrics)."),
+    eval_problems: int = typer.Option(256, "--eval-problems", help="Held-out problems for Acc@8."),
+    base_model: str = typer.Option(None, "--base-model", help="Toy base model dir (default: the shipped one)."),
+) -> None:
+    """Forking-token RLVR end to end on CPU: the toy Countdown task, before/after table, plots, report."""
+    from forkrl.toy.demo import run_demo
+
+    try:
+        run_demo(
+            steps=steps,
+            strategy=strategy,
+            ratio=ratio,
+            seed=seed,
+            out=out,
+            base_model=base_model,
+            eval_problems=eval_problems,
+        )
+    except (FileNotFoundError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+
+
+toy_app = typer.Typer(help="The embedded toy task and its base model.", no_args_is_help=True)
+app.add_typer(toy_app, name="toy")
+
+
+@toy_app.command("build", epilog="Example: forkrl toy build --seed 0 --out toy_model")
+def toy_build(
+    seed: int = typer.Option(0, "--seed", help="Seeds problems, traces, weights and batch order."),
+    out: str = typer.Option(..., "--out", help="Directory for the HF model (config.json, model.safetensors, ...)."),
+    steps: int = typer.Option(None, "--steps", help="Supervised steps (default: the shipped model's)."),
+    num_traces: int = typer.Option(None, "--num-traces", help="Solver traces to fit (default 60000)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT."),
+) -> None:
+    """Rebuild the toy base model from scratch: supervised training on a noisy Countdown solver's traces."""
+    from forkrl.toy.build import toy_build_command
+
+    extra = {k: v for k, v in (("steps", steps), ("num_traces", num_traces)) if v is not None}
+    try:
+        toy_build_command(seed, out, overwrite=overwrite, **extra)
+    except FileExistsError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+
+
 config_app = typer.Typer(help="Inspect training configs.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 

@@ -224,9 +224,16 @@ class TestChunkedMatchesNaive:
         targets = torch.randint(0, 6, (5,))
         assert torch.autograd.gradcheck(lambda z: token_logprobs_and_entropy(z, targets, 0.7, 2), (logits,))
 
-    def test_rejects_mismatched_shapes(self):
-        with pytest.raises(ValueError):
+    def test_rejects_bad_arguments(self):
+        targets = torch.zeros(3, dtype=torch.long)
+        with pytest.raises(ValueError, match="disagree"):
             token_logprobs_and_entropy(torch.randn(3, 5), torch.zeros(4, dtype=torch.long))
+        with pytest.raises(ValueError, match="temperature"):
+            token_logprobs_and_entropy(torch.randn(3, 5), targets, temperature=0.0)
+        with pytest.raises(ValueError, match="chunk_size"):
+            token_logprobs_and_entropy(torch.randn(3, 5), targets, chunk_size=-1)
+        with pytest.raises(ValueError, match="dtypes"):
+            fused_linear_logprobs_and_entropy(torch.randn(3, 4), torch.randn(5, 4, dtype=F64), targets)
 
 
 class TestFusedMatchesNaive:
@@ -296,11 +303,11 @@ class TestFusedMatchesNaive:
 
 class TestDefaultChunkRows:
     def test_budgets(self):
-        # CPU reductions use cache-sized tiles (2^21 elements -> 32 rows of a 65536 vocab);
-        # fused matmul blocks and CUDA chunks use 2^24 elements -> 256 rows. Rows are rounded
-        # down to a multiple of 8 and never drop below 1.
-        assert default_chunk_rows(65536) == 32
-        assert default_chunk_rows(65536, fused=True) == 256
-        assert default_chunk_rows(65536, "cuda") == 256
-        assert default_chunk_rows(151936, fused=True) == 104
+        # CPU reductions use cache-sized tiles (2^22 elements -> 64 rows of a 65536 vocab);
+        # fused matmul blocks and CUDA chunks use 2^25 elements -> 512 rows. Rows are rounded
+        # down to a multiple of 8 (2^25 / 151936 = 220.8 -> 216) and never drop below 1.
+        assert default_chunk_rows(65536) == 64
+        assert default_chunk_rows(65536, fused=True) == 512
+        assert default_chunk_rows(65536, "cuda") == 512
+        assert default_chunk_rows(151936, fused=True) == 216
         assert default_chunk_rows(10**9) == 1

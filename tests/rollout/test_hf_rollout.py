@@ -245,3 +245,44 @@ def test_gumbel_max_samples_the_softmax():
     freqs = torch.bincount(draws, minlength=5) / n
     torch.testing.assert_close(freqs, probs, rtol=0, atol=0.01)
     assert freqs[4] == 0
+
+
+# --- Shared prompts: each run of identical prompt rows is prefilled once ---------------------------
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(max_new_tokens=10, temperature=0.9, top_k=20, row_seeds=list(range(12))),
+        SamplingParams(max_new_tokens=10, seed=5),
+    ],
+)
+def test_shared_prompt_prefill_changes_nothing_but_the_work(model, tok, params):
+    # Groups of 3 copies, plus a lone prompt; "9" (1 token) is left-padded to the longest prompt.
+    prompts = [p for p in PROMPTS[:3] for _ in range(3)] + [PROMPTS[3]] + [PROMPTS[0]] * 2
+    shapes = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+    try:
+        shared = HFGenerationBackend(model, tok).generate(prompts, params)
+    finally:
+        hook.remove()
+    plain = HFGenerationBackend(model, tok, share_prompt=False).generate(prompts, params)
+    P = shared.prompt_ids.shape[1]
+    # 5 runs of equal rows prefilled over P - 1 tokens, then generate runs all 12 rows' last prompt token.
+    assert shapes[:2] == [(5, P - 1), (12, 1)]
+    assert torch.equal(shared.prompt_ids, plain.prompt_ids) and torch.equal(shared.prompt_mask, plain.prompt_mask)
+    assert torch.equal(shared.response_ids, plain.response_ids)
+    assert torch.equal(shared.response_mask, plain.response_mask)
+    # Only float rounding of the prompt's keys/values differs (on this CPU the values come out equal).
+    torch.testing.assert_close(shared.sampler_logprobs, plain.sampler_logprobs, rtol=0, atol=1e-5)
+    torch.testing.assert_close(shared.sampler_entropy, plain.sampler_entropy, rtol=0, atol=1e-5)
+
+
+def test_distinct_prompts_are_prefilled_by_generate(model, tok):
+    shapes = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+    try:
+        r = HFGenerationBackend(model, tok).generate(PROMPTS, SamplingParams(max_new_tokens=2, seed=0))
+    finally:
+        hook.remove()
+    assert shapes[0] == tuple(r.prompt_ids.shape)

@@ -8,8 +8,6 @@ import pytest
 
 from forkrl.tasks.math import MathVerifier, extract_answer, extract_boxed, math_reward
 
-pytest.importorskip("math_verify")
-
 
 def _finishes_within(seconds: float, fn, *args):
     """Run fn(*args) in a daemon thread; fail the test (instead of hanging it) if it overruns."""

@@ -3,14 +3,30 @@
 The trainer calls this for the policy (with gradient) and the old/reference policy (without);
 the analyses call it to score stored responses under another checkpoint. Only the hidden
 states of real response tokens go through the LM head, and never as full `[N, V]` logits.
+
+In GRPO every prompt is repeated for its G responses, and the rows of one group are contiguous.
+`score_responses` then runs the decoder over each distinct prompt once, keeps its per-layer keys and
+values, and runs the responses against copies of them (the "shared-prefix" path): the prompt's
+activations are computed, stored and backpropagated once per group instead of G times. The copies
+are `index_select`s, so autograd sums the G responses' gradients into the one prompt computation.
 """
 
 from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator
 
 import torch
 
 from forkrl.models.loading import forward_hidden_states, get_lm_head, unwrap_peft
 from forkrl.ops.logprobs import fused_linear_logprobs_and_entropy
+
+try:  # the per-layer cache API (`Cache(layers=...)`, `DynamicLayer`) of transformers >= 5
+    from transformers.cache_utils import Cache, DynamicLayer
+    from transformers.modeling_layers import GradientCheckpointingLayer
+except ImportError:  # older transformers: score with the plain path
+    Cache = DynamicLayer = GradientCheckpointingLayer = None
 
 
 def score_responses(
@@ -21,6 +37,7 @@ def score_responses(
     response_mask: torch.Tensor,
     temperature: float = 1.0,
     chunk_size: int | None = None,
+    share_prompt: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log π(o_t | q, o_<t) and entropy H_t of softmax(z_t / T) for every response token.
 
@@ -30,17 +47,26 @@ def score_responses(
         prompt_ids: `[B, P]` left-padded prompt tokens; prompt_mask `[B, P]`.
         response_ids: `[B, R]` right-padded response tokens; response_mask `[B, R]`.
         temperature: T of Eq. 1 (use the sampling temperature so ratios compare like with like).
+        share_prompt: run the decoder once per run of identical consecutive prompt rows and the
+            responses against that prompt's keys/values (same values and gradients as one forward
+            over prompt + response, up to float rounding). It is used only when some rows repeat
+            and the model supports it (`prefix_sharing_supported`); otherwise, or with False, the
+            plain path runs one forward over prompt + response.
 
     Returns:
         logprobs `[B, R]` and entropy `[B, R]` in float32, 0 at padding; differentiable w.r.t.
         the model's parameters when grad is enabled.
     """
-    prompt_len = prompt_ids.shape[1]
-    input_ids = torch.cat([prompt_ids, response_ids], dim=1)  # (B, P + R)
-    attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
-    hidden = forward_hidden_states(model, input_ids, attention_mask)  # (B, P + R, H)
-    # Position P - 1 + t predicts response token t.
-    hidden = hidden[:, prompt_len - 1 : -1]  # (B, R, H)
+    hidden = None
+    if share_prompt and response_ids.shape[1] > 0:
+        hidden = _shared_prefix_hidden_states(model, prompt_ids, prompt_mask, response_ids, response_mask)
+    if hidden is None:
+        prompt_len = prompt_ids.shape[1]
+        input_ids = torch.cat([prompt_ids, response_ids], dim=1)  # (B, P + R)
+        attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
+        hidden = forward_hidden_states(model, input_ids, attention_mask)  # (B, P + R, H)
+        # Position P - 1 + t predicts response token t.
+        hidden = hidden[:, prompt_len - 1 : -1]  # (B, R, H)
     valid = response_mask.bool()
     weight, bias = get_lm_head(unwrap_peft(model))
     logprobs_valid, entropy_valid = fused_linear_logprobs_and_entropy(
@@ -50,6 +76,158 @@ def score_responses(
     logprobs = zeros.masked_scatter(valid, logprobs_valid)
     entropy = zeros.masked_scatter(valid, entropy_valid)
     return logprobs, entropy
+
+
+def prompt_groups(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs of identical consecutive prompt rows (same ids and same mask).
+
+    Returns:
+        first_rows `[U]`: the first row of each run; row_to_group `[B]`: the run of each row, so
+        `x[first_rows][row_to_group]` repeats a per-prompt `x` back to the rows.
+    """
+    same_as_previous = (prompt_ids[1:] == prompt_ids[:-1]).all(-1) & (prompt_mask[1:] == prompt_mask[:-1]).all(-1)
+    starts = torch.cat([same_as_previous.new_ones(1), ~same_as_previous])  # (B,)
+    return starts.nonzero().squeeze(1), starts.long().cumsum(0) - 1
+
+
+def _shared_prefix_hidden_states(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+) -> torch.Tensor | None:
+    """Final hidden states `[B, R, H]` predicting each response token, or None to use the plain path.
+
+    Pass 1 runs the U distinct prompts `[U, P]` and records every layer's keys/values. Pass 2 runs
+    response tokens 0..R-2 of all B rows `[B, R - 1]` against the rows' copies of them; the hidden
+    state predicting token 0 is the prompt's last one. Positions and masks are those of the plain
+    path's single forward over `[B, P + R]`, so each response token sees the same keys, values and
+    rotary positions.
+    """
+    decoder = unwrap_peft(model).get_decoder()
+    if not prefix_sharing_supported(decoder):
+        return None
+    first_rows, row_to_group = prompt_groups(prompt_ids, prompt_mask)
+    if len(first_rows) == len(prompt_ids):  # all prompts distinct: nothing to share
+        return None
+    prompt_len = prompt_ids.shape[1]
+    attention_mask = torch.cat([prompt_mask, response_mask], dim=1)  # (B, P + R)
+    # cumsum(mask) - 1, as in `forward_hidden_states`: responses continue after the last real prompt token.
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    num_layers = decoder.config.num_hidden_layers
+
+    with _cache_kept_under_checkpointing(decoder):
+        recorder = Cache(layer_class_to_replicate=_RecordingLayer)
+        out = decoder(
+            input_ids=prompt_ids[first_rows],
+            attention_mask=prompt_mask[first_rows],
+            position_ids=position_ids[first_rows, :prompt_len],
+            past_key_values=recorder,
+            use_cache=False,  # the cache is ours and passed explicitly; this only silences checkpointing's warning
+        )
+        if len(recorder.layers) != num_layers or not all(layer.is_initialized for layer in recorder.layers):
+            return None  # the model did not write its keys/values to the cache it was given
+        last_prompt_hidden = out.last_hidden_state[:, -1][row_to_group]  # (B, H), predicts response token 0
+        if response_ids.shape[1] == 1:
+            return last_prompt_hidden.unsqueeze(1)
+        prefix = Cache(
+            layers=[
+                _SharedPrefixLayer(layer.keys[row_to_group], layer.values[row_to_group]) for layer in recorder.layers
+            ]
+        )
+        # Token R - 1 predicts nothing, so it is not run.
+        out = decoder(
+            input_ids=response_ids[:, :-1],
+            attention_mask=attention_mask[:, :-1],
+            position_ids=position_ids[:, prompt_len:-1],
+            past_key_values=prefix,
+            use_cache=False,
+        )
+        if not all(layer.was_read for layer in prefix.layers):
+            return None
+    return torch.cat([last_prompt_hidden.unsqueeze(1), out.last_hidden_state], dim=1)  # (B, R, H)
+
+
+def prefix_sharing_supported(decoder: torch.nn.Module) -> bool:
+    """Whether the shared-prefix path can run `decoder`; the plain path is used otherwise.
+
+    It needs transformers' per-layer cache API (>= 5), a decoder whose `forward` takes
+    `past_key_values`, and only full-attention layers: sliding-window, linear-attention (SSM)
+    and KV-sharing layers keep other state than `[B, heads, L, d]` keys/values, which the two
+    cache layers below do not model. A model that ignores the cache it is handed is caught after
+    the fact (every layer must have written and read it) and scored with the plain path.
+    """
+    if Cache is None or "past_key_values" not in inspect.signature(decoder.forward).parameters:
+        return False
+    config = decoder.config
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"]
+    if any(t != "full_attention" for t in layer_types) or getattr(config, "kv_sharing_modes", None):
+        return False
+    if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
+        return False
+    # Under gradient checkpointing in training, transformers drops `past_key_values` unless the
+    # layer may keep it (`_can_checkpoint_with_cache`, transformers >= 5.x); without that switch
+    # the path cannot run there.
+    checkpointing = decoder.training and getattr(decoder, "gradient_checkpointing", False)
+    return not checkpointing or hasattr(GradientCheckpointingLayer, "_can_checkpoint_with_cache")
+
+
+@contextlib.contextmanager
+def _cache_kept_under_checkpointing(decoder: torch.nn.Module) -> Iterator[None]:
+    """Let checkpointed layers keep the cache argument for the duration of the two passes.
+
+    transformers drops `past_key_values` in checkpointed layers because a recomputation in backward
+    would append to a cache a second time. Both cache layers below are idempotent (the recorder
+    overwrites, the prefix layer never changes), which is the condition transformers documents for
+    `_can_checkpoint_with_cache`; the recomputation replays the same call with the same cache object.
+    """
+    name, missing = "_can_checkpoint_with_cache", object()
+    saved = [(m, m.__dict__.get(name, missing)) for m in decoder.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer, _ in saved:
+        setattr(layer, name, True)  # an instance attribute shadows the class default
+    try:
+        yield
+    finally:
+        for layer, value in saved:
+            if value is missing:
+                delattr(layer, name)
+            else:
+                setattr(layer, name, value)
+
+
+if DynamicLayer is not None:
+
+    class _RecordingLayer(DynamicLayer):
+        """Pass 1 (prompts): keep this layer's keys/values `[U, kv_heads, P, d]`; attend over them only.
+
+        `update` overwrites instead of appending, so a gradient-checkpointing recomputation leaves
+        the recorded tensors as they were (the recomputed copies are equal)."""
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            _hold(self, key_states, value_states)
+            return key_states, value_states
+
+    class _SharedPrefixLayer(DynamicLayer):
+        """Pass 2 (responses): prepend the rows' prompt keys/values `[B, kv_heads, P, d]`, never grow.
+
+        Read-only, so a gradient-checkpointing recomputation sees the same prefix."""
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+            super().__init__()
+            _hold(self, keys, values)
+            self.was_read = False
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            self.was_read = True
+            return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+    def _hold(layer: DynamicLayer, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Set a layer's tensors and the attributes `lazy_initialization` would (its signature varies
+        across transformers 5.x releases)."""
+        layer.keys, layer.values = keys, values
+        layer.dtype, layer.device = keys.dtype, keys.device
+        layer.is_initialized = True
 
 
 class ResponseScorer(torch.nn.Module):

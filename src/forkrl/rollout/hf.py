@@ -31,6 +31,7 @@ from transformers import (
 )
 
 from forkrl.models.loading import unwrap_peft
+from forkrl.models.scoring import prefix_sharing_supported, prompt_groups
 from forkrl.rollout.base import Prompts, Rollout, SamplingParams
 from forkrl.rollout.entropy_temperature import EntropyAwareTemperature, entropy_of_logits
 from forkrl.rollout.seeded_sampling import SeededGumbelSampler
@@ -56,6 +57,13 @@ class HFGenerationBackend:
     (see `seeded_sampling`), so a row's tokens do not depend on `batch_size`, on the other prompts
     or on their order. Its cost is one `[B, V]` int64 hash per step. The caller's RNG state is left
     untouched here too (the one-hot multinomial draw still advances a forked generator).
+
+    Shared prompts: GRPO samples G responses per prompt in contiguous rows, and `generate` would
+    prefill every copy. With `share_prompt` (default), runs of identical consecutive prompt rows are
+    prefilled once (all but their last token), the KV cache is copied to the rows, and `generate`
+    runs each row's last prompt token and the responses against it. This changes the arithmetic
+    of the prompt's keys/values only by float rounding; the sampling, seeds and recorded
+    statistics are untouched.
     """
 
     def __init__(
@@ -64,12 +72,14 @@ class HFGenerationBackend:
         tokenizer: PreTrainedTokenizerBase,
         batch_size: int = 64,
         eos_token_ids: Sequence[int] | None = None,
+        share_prompt: bool = True,
     ):
         if tokenizer.pad_token_id is None:
             raise ValueError("tokenizer needs a pad token (load_policy sets pad = EOS when missing)")
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.share_prompt = share_prompt
         self.pad_token_id = tokenizer.pad_token_id
         self.eos_token_ids = list(eos_token_ids) if eos_token_ids is not None else _default_eos_ids(model, tokenizer)
         if not self.eos_token_ids:
@@ -144,12 +154,15 @@ class HFGenerationBackend:
             pad_token_id=self.pad_token_id,
             use_cache=True,
         )
+        # generate continues from a cache holding a prefix of `input_ids` (it runs only the rest).
+        cache = self._prefill_shared_prompts(prompt_ids, prompt_mask) if self.share_prompt else None
         with _neutral_model_generation_config(self.model):
             sequences = self.model.generate(
                 input_ids=prompt_ids,
                 attention_mask=prompt_mask,
                 generation_config=gen_config,
                 logits_processor=processors,
+                **({} if cache is None else {"past_key_values": cache}),
             )
         response_ids = sequences[:, P:]
         logprobs, entropy = recorder.finish(response_ids)
@@ -168,6 +181,29 @@ class HFGenerationBackend:
             response_lengths=response_mask.sum(-1),
             row_seeds=seeds,
         )
+
+    @torch.no_grad()
+    def _prefill_shared_prompts(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
+        """KV cache of every row's prompt but its last token `[B, P - 1]`, computed once per run of
+        identical rows; None when no row repeats or the model is not supported (`generate` then
+        prefills as usual). The last token stays uncached because `generate` needs one new token
+        per row to produce the first logits."""
+        decoder = unwrap_peft(self.model).get_decoder()
+        if prompt_ids.shape[1] < 2 or not prefix_sharing_supported(decoder):
+            return None
+        first_rows, row_to_group = prompt_groups(prompt_ids, prompt_mask)
+        if len(first_rows) == len(prompt_ids):
+            return None
+        mask = prompt_mask[first_rows, :-1]  # (U, P - 1)
+        out = decoder(
+            input_ids=prompt_ids[first_rows, :-1],
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp_min(0),  # as `generate` computes them
+            use_cache=True,
+        )
+        cache = out.past_key_values
+        cache.batch_select_indices(row_to_group)  # (U, ...) -> (B, ...)
+        return cache
 
 
 class _SamplerStatsRecorder:

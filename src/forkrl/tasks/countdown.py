@@ -5,18 +5,23 @@ response is a short search trace followed by ``answer: <expression>``::
 
     numbers: 3 5 7 target: 22        <- the question (prompt)
     7+5=12 [3 12]                    <- combine two numbers; the remaining numbers in brackets
-    12*3=36 no                       <- last two numbers combined: checked against the target
-    12-3=9 no
+    12*3=36 vs 22 no                 <- last two numbers combined: compared with the target
+    12-3=9 vs 22 no
     back                             <- give up this branch, return to the numbers before it
     5*3=15 [7 15]
-    15+7=22 yes
+    15+7=22 vs 22 yes
     answer: (5*3)+7
 
-Each step line is one *choice* (which pair, which operation) followed by *determined* work (the
-result, the remaining numbers, the check). So the trace has real forks: the tokens of the pair
-and the operation, and the token that starts the line after a failed check (another operation,
-``back``, or giving up with ``answer:``), are where the noisy solver draws at random; everything
-else is a function of the text before it. `CountdownTrace.segments` records which is which.
+Each step line is a *choice* (which pair, which operation) followed by *determined* work (the
+result, the remaining numbers, the check). The check restates the target next to the result, as
+Stream-of-Search traces do, so that a tiny model compares two neighbouring tokens instead of
+looking back to the prompt. So the trace has real forks between stretches of determined text.
+`CountdownTrace.segments` records, for every piece of text, how many different tokens the solver
+could have written there: more than one at the first operand, the operation and the second operand
+when the untried moves allow several, and at the token opening a line after a failed check
+(another move from the same numbers, or ``back``); exactly one everywhere else, e.g. both operands
+of a line combining the last two numbers (larger first), and ``answer:`` (written after a success or
+once the attempt budget is spent, both functions of the text so far).
 
 Rules (one rule for everything here):
 - **Every given number is used exactly once** (as a multiset; the rule of the TinyZero Countdown
@@ -42,16 +47,17 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import operator
 import os
 import random
 import re
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from forkrl.tasks.data import PROMPT_TEMPLATES, PromptExample, render_prompt
 from forkrl.tasks.rewards import register_reward
@@ -71,6 +77,8 @@ __all__ = [
     "problems_to_examples",
     "score_countdown",
     "solution_expression",
+    "TraceStats",
+    "trace_stats",
     "trace_token_choice_mask",
     "write_problems_jsonl",
 ]
@@ -85,7 +93,7 @@ DEFAULT_MAX_VALUE = 200
 TEST_PERCENT = 10
 """Share of all problems (by canonical hash) that belong to the test split."""
 
-KEYWORDS = ("numbers:", "target:", "answer:", "yes", "no", "back")
+KEYWORDS = ("numbers:", "target:", "answer:", "yes", "no", "back", "vs")
 SYMBOLS = (" ", "\n", "+", "-", "*", "/", "(", ")", "=", "[", "]")
 
 
@@ -140,11 +148,19 @@ def problem_split(problem: CountdownProblem) -> str:
     return "test" if int.from_bytes(digest, "big") % 100 < TEST_PERCENT else "train"
 
 
-def _moves(values: tuple[int, ...], max_value: int) -> list[tuple[int, int, str, int, int, int]]:
-    """Strict-rule moves from `values`: ``(i, j, op, a, b, result)`` with ``a = values[i] >= b = values[j]``.
+class _Move(NamedTuple):
+    """Combine positions i and j of the current numbers: ``a op b = result`` with ``a >= b``."""
 
-    Moves with the same text ``a op b`` (duplicate values) are listed once.
-    """
+    i: int
+    j: int
+    op: str
+    a: int
+    b: int
+    result: int
+
+
+def _moves(values: tuple[int, ...], max_value: int) -> list[_Move]:
+    """Strict-rule moves from `values`; moves with the same text ``a op b`` (equal values) are listed once."""
     out, seen = [], set()
     for i in range(len(values)):
         for j in range(len(values)):
@@ -154,7 +170,7 @@ def _moves(values: tuple[int, ...], max_value: int) -> list[tuple[int, int, str,
             for op, result in (("+", a + b), ("-", a - b), ("*", a * b), ("/", a // b if a % b == 0 else 0)):
                 if 0 < result <= max_value and (a, op, b) not in seen:
                     seen.add((a, op, b))
-                    out.append((i, j, op, a, b, result))
+                    out.append(_Move(i, j, op, a, b, result))
     return out
 
 
@@ -169,8 +185,8 @@ def _reachable(sorted_values: tuple[int, ...], max_value: int) -> frozenset[int]
     if len(sorted_values) == 1:
         return frozenset(sorted_values)
     out: set[int] = set()
-    for i, j, _, _, _, result in _moves(sorted_values, max_value):
-        out |= _reachable(tuple(sorted(_apply(sorted_values, i, j, result))), max_value)
+    for m in _moves(sorted_values, max_value):
+        out |= _reachable(tuple(sorted(_apply(sorted_values, m.i, m.j, m.result))), max_value)
     return frozenset(out)
 
 
@@ -183,7 +199,7 @@ def generate_problems(
     seed: int,
     split: str = "train",
     num_numbers: int | Sequence[int] = 3,
-    max_number: int = 10,
+    max_number: int = 15,
     max_target: int = 100,
     max_value: int = DEFAULT_MAX_VALUE,
     unique: bool = True,
@@ -228,9 +244,9 @@ def solution_expression(problem: CountdownProblem, max_value: int = DEFAULT_MAX_
         values = tuple(v for v, _ in items)
         if len(items) == 1:
             return items[0][1] if values[0] == problem.target else None
-        for i, j, op, _, _, result in _moves(values, max_value):
-            merged = (result, f"{_wrap(items[i][1])}{op}{_wrap(items[j][1])}")
-            if (found := search(_apply(items, i, j, merged))) is not None:
+        for m in _moves(values, max_value):
+            merged = (m.result, f"{_wrap(items[m.i][1])}{m.op}{_wrap(items[m.j][1])}")
+            if (found := search(_apply(items, m.i, m.j, merged))) is not None:
                 return found
         return None
 
@@ -277,7 +293,7 @@ MAX_MAGNITUDE = 10**18
 """An intermediate numerator or denominator beyond this scores 0 (cannot happen with small inputs)."""
 
 _ANSWER_CHARS = re.compile(r"[0-9+\-*/() ]*")
-_BINOPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
+_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 
 
 class _Reject(Exception):
@@ -340,8 +356,7 @@ def _evaluate(node: ast.AST, literals: list[int]) -> Fraction:
         return -value if isinstance(node.op, ast.USub) else value
     if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
         left, right = _evaluate(node.left, literals), _evaluate(node.right, literals)
-        op = _BINOPS[type(node.op)]
-        value = left + right if op == "+" else left - right if op == "-" else left * right if op == "*" else left / right
+        value = _BINOPS[type(node.op)](left, right)  # Fraction / Fraction(0) raises ZeroDivisionError
         if abs(value.numerator) > MAX_MAGNITUDE or value.denominator > MAX_MAGNITUDE:
             raise _Reject
         return value
@@ -358,7 +373,7 @@ register_reward("countdown", score_countdown)
 class SolverSettings:
     """How the noisy solver searches; its success rate sets how good the toy base model is."""
 
-    max_leaves: int = 6
+    max_leaves: int = 5
     """Complete attempts (last two numbers combined and checked) before giving up with a wrong answer."""
     p_good: float = 0.3
     """At each choice, probability of picking (uniformly) among the untried moves that keep the
@@ -372,13 +387,13 @@ class SolverSettings:
 
 @dataclass
 class CountdownTrace:
-    """One solver response to `problem`, as text pieces tagged choice (True) or determined (False)."""
+    """One solver response to `problem`, as text pieces with the solver's number of options at each."""
 
     problem: CountdownProblem
-    segments: list[tuple[str, bool]]
-    """Pieces of the response in order; each piece is a whole number of tokens of the toy tokenizer.
-    True marks the solver's random draws: operands, operation, and the token opening a line after a
-    failed check (next move, ``back`` or giving up). The EOS token is not included."""
+    segments: list[tuple[str, int]]
+    """Pieces of the response in order, each a whole number of tokens of the toy tokenizer, with the
+    number of distinct tokens the solver could have written there (1: determined by the text before
+    it; > 1: a choice, always a single-token piece). The EOS token is not included."""
     success: bool
     """Whether the trace ends with a correct answer."""
     answer: str
@@ -396,12 +411,12 @@ class _Search:
 
     def __init__(self, problem: CountdownProblem, rng: random.Random, settings: SolverSettings):
         self.problem, self.rng, self.settings = problem, rng, settings
-        self.segments: list[tuple[str, bool]] = []
+        self.segments: list[tuple[str, int]] = []
         self.leaves = 0
         self.last_expr = ""
 
-    def write(self, text: str, choice: bool = False) -> None:
-        self.segments.append((text, choice))
+    def write(self, text: str, options: int = 1) -> None:
+        self.segments.append((text, options))
 
     def node(self, items: tuple[tuple[int, str], ...], top: bool) -> bool | None:
         """Search from `items` ((value, expression) pairs). True: solved; None: budget spent (the
@@ -410,29 +425,32 @@ class _Search:
         moves = _moves(values, self.settings.max_value)
         tried: set[tuple[int, str, int]] = set()
         while True:
-            untried = [m for m in moves if (m[3], m[2], m[4]) not in tried]
-            if tried and not top and (not untried or self.rng.random() >= self.settings.p_stay):
-                self.write("back", True)
+            untried = [m for m in moves if (m.a, m.op, m.b) not in tried]
+            can_back = bool(tried) and not top  # after a failure below the top: stay or go back
+            # Tokens that may open this line: the larger operand of any untried move, or "back".
+            openers = len({m.a for m in untried}) + can_back
+            if can_back and (not untried or self.rng.random() >= self.settings.p_stay):
+                self.write("back", openers)
                 self.write("\n")
                 return False
-            if not untried:  # only at the top, which a solvable problem never exhausts in budget
+            if not untried:  # the top level is exhausted (branches were left early): give up
                 return self.give_up()
             i, j, op, a, b, result = self.pick(values, untried)
             tried.add((a, op, b))
             expr = f"{_wrap(items[i][1])}{op}{_wrap(items[j][1])}"
-            self.write(str(a), True)
-            self.write(op, True)
-            self.write(str(b), True)
+            self.write(str(a), openers)
+            self.write(op, len({m.op for m in untried if m.a == a}))
+            self.write(str(b), len({m.b for m in untried if m.a == a and m.op == op}))
             rest = _apply(items, i, j, (result, expr))
             if len(rest) == 1:
                 self.leaves += 1
                 self.last_expr = expr
                 if result == self.problem.target:
-                    self.write(f"={result} yes\n")
+                    self.write(f"={result} vs {result} yes\n")
                     self.write("answer:")
                     self.write(f" {expr}")
                     return True
-                self.write(f"={result} no\n")
+                self.write(f"={result} vs {self.problem.target} no\n")
                 if self.leaves >= self.settings.max_leaves:
                     return self.give_up()
             else:
@@ -441,15 +459,16 @@ class _Search:
                 if outcome is not False:
                     return outcome
 
-    def pick(self, values: tuple[int, ...], untried: list) -> tuple:
+    def pick(self, values: tuple[int, ...], untried: list[_Move]) -> _Move:
         if self.rng.random() < self.settings.p_good:
-            good = [m for m in untried if _solvable(_apply(values, m[0], m[1], m[5]), self.problem.target, self.settings.max_value)]
+            target, max_value = self.problem.target, self.settings.max_value
+            good = [m for m in untried if _solvable(_apply(values, m.i, m.j, m.result), target, max_value)]
             if good:
                 return self.rng.choice(good)
         return self.rng.choice(untried)
 
     def give_up(self) -> None:
-        self.write("answer:", True)
+        self.write("answer:")  # forced: the budget is spent, or no move is left at the top
         self.write(f" {self.last_expr}")
         return None
 
@@ -460,8 +479,10 @@ def noisy_solver_trace(
     """A search trace for `problem` by a solver that guesses, checks and backtracks (module docstring).
 
     The arithmetic, the remaining numbers and the checks are exact; only the choices are random
-    (`SolverSettings`). The trace ends with ``answer: <expression>``: correct when the search found
-    the target within `max_leaves` attempts, otherwise the last attempt (a wrong answer).
+    (`SolverSettings`). A move is never repeated from the same numbers on the same branch. The trace
+    ends with ``answer: <expression>``: correct when the search found the target, otherwise the last
+    attempt (a wrong answer), written after `max_leaves` failed attempts or when every move from the
+    given numbers has been tried (possible because branches are left early with ``back``).
     """
     settings = settings or SolverSettings()
     if len(problem.numbers) < 2:
@@ -472,17 +493,17 @@ def noisy_solver_trace(
 
 
 def trace_token_choice_mask(trace: CountdownTrace, tokenizer: Any) -> tuple[list[int], list[bool]]:
-    """Token ids of `trace.text` (no EOS) and whether each is a choice token.
+    """Token ids of `trace.text` (no EOS) and whether each is a choice token (solver options > 1).
 
     Tokenizes piece by piece, which equals tokenizing the whole text because every piece boundary
     is a token boundary of the toy tokenizer (numbers and keywords never touch another number).
     """
     ids: list[int] = []
     mask: list[bool] = []
-    for text, choice in trace.segments:
+    for text, options in trace.segments:
         piece = tokenizer(text, add_special_tokens=False)["input_ids"]
         ids += piece
-        mask += [choice] * len(piece)
+        mask += [options > 1] * len(piece)
     return ids, mask
 
 
@@ -496,8 +517,7 @@ class TraceStats:
     mean_tokens: float = 0.0
     """Response tokens per trace, EOS included."""
     choice_fraction: float = 0.0
-    """Share of response tokens (EOS included) at which the solver made a random draw."""
-    extra: dict[str, Any] = field(default_factory=dict)
+    """Share of response tokens (EOS included) where the solver had more than one option."""
 
 
 def trace_stats(traces: Sequence[CountdownTrace], tokenizer: Any) -> TraceStats:
