@@ -18,13 +18,13 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks docs
 
 test: lint
 	$(VENV)/bin/pytest -q
 
 demo: $(STAMP)
-	$(PY) benchmarks/logprob_entropy.py --quick
+	$(VENV)/bin/forkrl demo --out runs/demo
 
 bench: $(STAMP)
 	$(PY) benchmarks/logprob_entropy.py

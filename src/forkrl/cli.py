@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# Idle OpenMP threads spin by default, which starves the other thread on a busy 2-core machine
+# (measured: 11.5 s vs 2.0 s per toy training step). Must be set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import typer
 
 from forkrl import __version__
