@@ -52,7 +52,7 @@ def main() -> None:
                 "reward.function=countdown", "reward.overlong_shaping=false", f"output_dir={runs[name]}",
                 "rollout.prompts_per_step=32", "rollout.group_size=8", f"rollout.max_new_tokens={max_tokens}",
                 "rollout.generation_batch_size=256", f"selection.strategy={strategy}", f"selection.ratio={ratio}",
-                "optim.lr=3e-4", "optim.mini_batch_size=16", "optim.micro_batch_size=64", "optim.weight_decay=0",
+                "optim.lr=5e-4", "optim.mini_batch_size=16", "optim.micro_batch_size=64", "optim.weight_decay=0",
                 f"trainer.total_steps={args.steps}", f"trainer.save_every={args.steps // 2}",
                 "trainer.keep_checkpoints=3", "trainer.device=cpu", "model.dtype=float32",
             ])  # fmt: skip

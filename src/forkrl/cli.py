@@ -127,9 +127,9 @@ from forkrl.analysis.cli import app as analyze_app  # noqa: E402  (grouped with 
 app.add_typer(analyze_app, name="analyze")
 
 
-@app.command("demo", epilog="Example: forkrl demo --steps 35 --strategy top --ratio 0.2 --seed 0 --out runs/demo")
+@app.command("demo", epilog="Example: forkrl demo --steps 30 --strategy top --ratio 0.2 --seed 0 --out runs/demo")
 def demo(
-    steps: int = typer.Option(35, "--steps", help="RL steps (32 prompts x 8 responses each)."),
+    steps: int = typer.Option(30, "--steps", help="RL steps (32 prompts x 8 responses each)."),
     strategy: str = typer.Option("top", "--strategy", help="top, all, bottom or random."),
     ratio: float = typer.Option(0.2, "--ratio", help="ρ: fraction of tokens kept by top/bottom/random."),
     seed: int = typer.Option(0, "--seed"),

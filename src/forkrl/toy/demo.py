@@ -189,7 +189,7 @@ def _table(base: Measurement, final: Measurement, kept: float, k: int) -> str:
 
 
 def run_demo(
-    steps: int = 35,
+    steps: int = 30,
     strategy: str = "top",
     ratio: float = 0.2,
     seed: int = 0,
@@ -237,7 +237,7 @@ def run_demo(
                 "max_sampling_rounds": 3,
             },
             "selection": {"strategy": strategy, "ratio": ratio},
-            "optim": {"lr": 3e-4, "mini_batch_size": 16, "micro_batch_size": 64, "weight_decay": 0.0},
+            "optim": {"lr": 5e-4, "mini_batch_size": 16, "micro_batch_size": 64, "weight_decay": 0.0},
             "trainer": {"total_steps": steps, "save_every": 0, "device": "cpu", "log_samples": 4},
         },
         overrides,
