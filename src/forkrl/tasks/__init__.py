@@ -43,4 +43,4 @@ __all__ = [
     "render_prompt",
     "score_batch",
 ]
-from forkrl.tasks import countdown  # noqa: E402,F401  (registers the "countdown" reward and template)
+from forkrl.tasks import countdown  # noqa: F401  (registers the "countdown" reward and template)
