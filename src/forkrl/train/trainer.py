@@ -238,7 +238,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ 1–3: rollouts, rewards, advantages
 
-    def _sample_round(self, round_index: int) -> tuple[Rollout, list[PromptExample], list[int]]:
+    def _sample_round(self) -> tuple[Rollout, list[PromptExample]]:
         cfg = self.cfg.rollout
         g = cfg.group_size
         cursor = self.sampler.state_dict()
@@ -259,7 +259,7 @@ class Trainer:
         )
         with self.autocast:
             rollout = self.backend.generate([ex.prompt for ex in examples], params)
-        return rollout, examples, positions
+        return rollout, examples
 
     def collect_batch(self, timings: dict[str, float], stats: MetricSums) -> StepBatch | None:
         """Sample, score and (with dynamic sampling) filter until each process has its quota of groups."""
@@ -268,7 +268,7 @@ class Trainer:
         num_kept_groups = 0
         for round_index in range(cfg.rollout.max_sampling_rounds):
             t0 = time.perf_counter()
-            rollout, examples, _ = self._sample_round(round_index)
+            rollout, examples = self._sample_round()
             timings["generate_s"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             texts = self.tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)
