@@ -111,6 +111,10 @@ class RolloutConfig:
     """DAPO dynamic sampling: drop groups whose rewards are all equal and sample more prompts."""
     max_sampling_rounds: int = 3
     """Rounds of generation per step before training on a batch that is still short (logged)."""
+    prompts_per_round: int = 0
+    """Prompts drawn per dynamic-sampling round (0 = `prompts_per_step`). More than
+    `prompts_per_step` oversamples, like verl's `data.gen_batch_size`: the batch fills in fewer
+    rounds and informative groups beyond `prompts_per_step` are dropped."""
 
 
 @dataclass
@@ -326,6 +330,12 @@ def _validate(cfg: Config, check_files: bool) -> None:
     need(r.top_k >= 0, "rollout.top_k", ">= 0")
     need(r.generation_batch_size >= 1, "rollout.generation_batch_size", ">= 1")
     need(r.max_sampling_rounds >= 1, "rollout.max_sampling_rounds", ">= 1")
+    need(r.prompts_per_round >= 0, "rollout.prompts_per_round", ">= 0 (0 = rollout.prompts_per_step)")
+    need(
+        r.prompts_per_round == 0 or r.dynamic_sampling,
+        "rollout.prompts_per_round",
+        "0 unless rollout.dynamic_sampling is on (without it every step trains on the first round)",
+    )
     need(
         r.entropy_temperature is None or (len(r.entropy_temperature) == 3 and min(r.entropy_temperature[:2]) > 0),
         "rollout.entropy_temperature",

@@ -96,6 +96,21 @@ class TestTrainTinyModel:
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
         assert [r["step"] for r in _records(resumed)] == [1, 2, 3, 4]
 
+    def test_oversampled_round_trains_on_the_same_first_groups(self, tiny_model_dir, prompts_file, tmp_path):
+        """prompts_per_round = 2 x prompts_per_step fills the batch in one round; the trained groups are
+        the first prompts of the stream with their own seeds, so step 1 equals the plain run's step 1."""
+        runs = {}
+        for per_round in (0, 4):
+            out = tmp_path / f"round{per_round}"
+            extra = {"trainer.total_steps": 1, "rollout.prompts_per_round": per_round}
+            runs[per_round] = (run_training(None, tiny_overrides(tiny_model_dir, prompts_file, str(out), **extra)), out)
+        (plain, plain_dir), (over, over_dir) = runs[0], runs[4]
+        assert (plain["groups_sampled"], over["groups_sampled"]) == (2, 4)  # vowel_fraction: every group informative
+        assert plain["sampling_rounds"] == over["sampling_rounds"] == 1 and over["groups_trained"] == 2
+        a, b = _weights(plain_dir / "checkpoints" / "step_000001"), _weights(over_dir / "checkpoints" / "step_000001")
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
     def test_failing_and_hanging_rewards_score_zero(self, tiny_model_dir, prompts_file, tmp_path):
         for fn, counter in (("always_raises", "reward_errors"), ("hangs", "reward_timeouts")):
             out = tmp_path / fn
@@ -152,6 +167,12 @@ class TestBadInput:
         assert result.exit_code == 2 and "selection.ratio = 1.5: expected a fraction in (0, 1]" in result.output
         result = self._train(*tiny_overrides(tiny_model_dir, prompts_file, str(tmp_path)), "optim.lr=-1e-6")
         assert result.exit_code == 2 and "optim.lr = -1e-06: expected a positive learning rate" in result.output
+        result = self._train(
+            *tiny_overrides(tiny_model_dir, prompts_file, str(tmp_path)),
+            "rollout.dynamic_sampling=false",
+            "rollout.prompts_per_round=4",
+        )
+        assert result.exit_code == 2 and "rollout.prompts_per_round = 4: expected 0 unless" in result.output
 
     def test_missing_file(self, tiny_model_dir, tmp_path):
         result = self._train(*tiny_overrides(tiny_model_dir, str(tmp_path / "nope.jsonl"), str(tmp_path)))

@@ -34,6 +34,7 @@ from forkrl.models.loading import unwrap_peft
 from forkrl.models.scoring import prefix_sharing_supported, prompt_groups
 from forkrl.rollout.base import Prompts, Rollout, SamplingParams
 from forkrl.rollout.entropy_temperature import EntropyAwareTemperature, entropy_of_logits
+from forkrl.rollout.kv_cache import growing_cache
 from forkrl.rollout.seeded_sampling import SeededGumbelSampler
 
 
@@ -155,7 +156,12 @@ class HFGenerationBackend:
             use_cache=True,
         )
         # generate continues from a cache holding a prefix of `input_ids` (it runs only the rest).
-        cache = self._prefill_shared_prompts(prompt_ids, prompt_mask) if self.share_prompt else None
+        # On full-attention decoders that cache appends in place (`kv_cache.GrowingLayer`); on others
+        # generate builds its own.
+        decoder = unwrap_peft(self.model).get_decoder()
+        cache = growing_cache() if prefix_sharing_supported(decoder) else None
+        if self.share_prompt and cache is not None:
+            cache = self._prefill_shared_prompts(prompt_ids, prompt_mask, cache)
         with _neutral_model_generation_config(self.model):
             sequences = self.model.generate(
                 input_ids=prompt_ids,
@@ -183,22 +189,23 @@ class HFGenerationBackend:
         )
 
     @torch.no_grad()
-    def _prefill_shared_prompts(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
-        """KV cache of every row's prompt but its last token `[B, P - 1]`, computed once per run of
-        identical rows; None when no row repeats or the model is not supported (`generate` then
-        prefills as usual). The last token stays uncached because `generate` needs one new token
-        per row to produce the first logits."""
+    def _prefill_shared_prompts(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cache):
+        """Fill the empty `cache` with every row's prompt but its last token `[B, P - 1]`, computed
+        once per run of identical rows; returns it unchanged (empty) when no row repeats, and
+        `generate` then prefills as usual. The last token stays uncached because `generate` needs
+        one new token per row to produce the first logits."""
         decoder = unwrap_peft(self.model).get_decoder()
-        if prompt_ids.shape[1] < 2 or not prefix_sharing_supported(decoder):
-            return None
+        if prompt_ids.shape[1] < 2:
+            return cache
         first_rows, row_to_group = prompt_groups(prompt_ids, prompt_mask)
         if len(first_rows) == len(prompt_ids):
-            return None
+            return cache
         mask = prompt_mask[first_rows, :-1]  # (U, P - 1)
         out = decoder(
             input_ids=prompt_ids[first_rows, :-1],
             attention_mask=mask,
             position_ids=(mask.cumsum(-1) - 1).clamp_min(0),  # as `generate` computes them
+            past_key_values=cache,
             use_cache=True,
         )
         cache = out.past_key_values

@@ -217,11 +217,7 @@ def run_demo(
     write_problems_jsonl(out / "data" / "test.jsonl", test_problems)
     test_examples = problems_to_examples(test_problems)
 
-    model, tokenizer = load_policy(base, dtype="float32", device="cpu")
-    before = measure(model, tokenizer, test_examples, eval_k, max_new_tokens, seed=seed + 1)
-    print(f"base model: Acc@{eval_k} {before.acc_at_k:.1f}%, Len@{eval_k} {before.len_at_k:.1f}", flush=True)
-    del model
-
+    # The config first: a bad override fails before any measuring.
     cfg = config_from_dict(
         {
             "seed": seed,
@@ -242,6 +238,11 @@ def run_demo(
         },
         overrides,
     )
+    model, tokenizer = load_policy(base, dtype="float32", device="cpu")
+    before = measure(model, tokenizer, test_examples, eval_k, max_new_tokens, seed=seed + 1)
+    print(f"base model: Acc@{eval_k} {before.acc_at_k:.1f}%, Len@{eval_k} {before.len_at_k:.1f}", flush=True)
+    del model
+
     from forkrl.train.trainer import Trainer
 
     trainer = Trainer(cfg)

@@ -2,7 +2,8 @@
 
 One `Trainer.train()` call runs `trainer.total_steps` steps. Each step:
 
-1. draws `rollout.prompts_per_step / world_size` prompts per process and samples G responses each
+1. draws `rollout.prompts_per_round` (default `prompts_per_step`) / world_size prompts per process
+   and samples G responses each
    (batch-invariant per-row seeds, so the same prompt gets the same response whatever the split);
 2. scores them (task reward + overlong shaping); with dynamic sampling, drops groups whose task
    scores are all equal and samples more prompts until the batch is full or the rounds run out;
@@ -102,10 +103,12 @@ class Trainer:
         for key, value in (
             ("rollout.prompts_per_step", r.prompts_per_step),
             ("optim.mini_batch_size", o.mini_batch_size),
+            ("rollout.prompts_per_round", r.prompts_per_round),
         ):
             if value % self.world:
                 raise TrainingStopped(f"{key} = {value} must be divisible by the number of processes ({self.world})")
         self.prompts_per_rank = r.prompts_per_step // self.world
+        self.round_prompts_per_rank = (r.prompts_per_round or r.prompts_per_step) // self.world
         self.mini_prompts_per_rank = o.mini_batch_size // self.world
         self.updates_per_step = (r.prompts_per_step // o.mini_batch_size) * o.epochs
         self.group = dist.group.WORLD if is_distributed() else None
@@ -243,7 +246,7 @@ class Trainer:
         g = cfg.group_size
         cursor = self.sampler.state_dict()
         start = cursor["epoch"] * cursor["num_prompts"] + cursor["position"]
-        indices = self.sampler.next_batch(self.prompts_per_rank)
+        indices = self.sampler.next_batch(self.round_prompts_per_rank)
         # Global stream position of each prompt: the same prompt draw gets the same seeds on any
         # number of processes, which makes runs independent of the data-parallel split.
         positions = [start + self.rank + i * self.world for i in range(len(indices))]
