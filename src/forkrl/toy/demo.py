@@ -189,7 +189,7 @@ def _table(base: Measurement, final: Measurement, kept: float, k: int) -> str:
 
 
 def run_demo(
-    steps: int = 30,
+    steps: int = 36,
     strategy: str = "top",
     ratio: float = 0.2,
     seed: int = 0,
@@ -229,8 +229,11 @@ def run_demo(
                 "prompts_per_step": 32,
                 "group_size": 8,
                 "max_new_tokens": max_new_tokens,
-                "generation_batch_size": 256,
-                "max_sampling_rounds": 3,
+                "generation_batch_size": 384,
+                # Dynamic sampling in one round: 48 prompts drawn, the first 32 informative groups
+                # trained (a second round for a few missing groups would cost a whole generation).
+                "prompts_per_round": 48,
+                "max_sampling_rounds": 1,
             },
             "selection": {"strategy": strategy, "ratio": ratio},
             "optim": {"lr": 5e-4, "mini_batch_size": 16, "micro_batch_size": 64, "weight_decay": 0.0},
