@@ -17,6 +17,7 @@ import statistics
 import time
 
 import torch
+from transformers import DynamicCache
 
 from forkrl.models.loading import load_policy
 from forkrl.rollout import SamplingParams
@@ -43,7 +44,8 @@ def main() -> None:
     params = SamplingParams(args.max_new_tokens, row_seeds=list(range(len(prompts))))
     backend = HFGenerationBackend(model, tokenizer, batch_size=args.batch_size)
     growing = hf_module.growing_cache
-    factories = {"growing (forkrl)": growing, "DynamicCache (transformers)": lambda: None}
+    # Both caches go through the same shared-prompt prefill; only how the layers append differs.
+    factories = {"growing (forkrl)": growing, "DynamicCache (transformers)": DynamicCache}
 
     times: dict[str, list[float]] = {name: [] for name in factories}
     outputs = {}

@@ -3,15 +3,35 @@
 from __future__ import annotations
 
 import os
+import time
 
 
-def _omp_wait_policy() -> str | None:
+def _busy_cores(interval: float = 0.1) -> float:
+    """Cores busy right now (Linux: two `/proc/stat` reads `interval` s apart; elsewhere the
+    1-minute load average, which lags: a job that just ended still counts)."""
+    try:
+        with open("/proc/stat") as f:
+            first = [int(x) for x in f.readline().split()[1:]]
+        time.sleep(interval)
+        with open("/proc/stat") as f:
+            second = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    delta = [b - a for a, b in zip(first, second)]
+    total = sum(delta)
+    idle = delta[3] + (delta[4] if len(delta) > 4 else 0)  # idle + iowait
+    return (os.cpu_count() or 1) * (total - idle) / total if total > 0 else 0.0
+
+
+def _omp_wait_policy(busy_cores=_busy_cores) -> str | None:
     """PASSIVE when this process's OpenMP threads would compete for cores, else None (library default).
 
     Idle OpenMP threads spin-wait by default. On cores of their own that is the fast choice (toy
     generation on an idle 2-core machine: 2.1 s spinning vs 3.8 s passive); when other work wants
     the same cores (several torchrun processes on one CPU host, or an already loaded machine) the
-    spinning starves it (measured: 11.5 s vs 2.0 s per toy training step). Must be decided before
+    spinning starves it (measured: 11.5 s vs 2.0 s per toy training step). "Loaded" is what the
+    cores are doing now, not the load average, which still counts a job that ended a minute ago
+    (it made `forkrl demo` after a killed run take 11.6 min instead of 7). Must be decided before
     torch is imported; an explicit `OMP_WAIT_POLICY` always wins.
     """
     if "OMP_WAIT_POLICY" in os.environ:
@@ -19,8 +39,8 @@ def _omp_wait_policy() -> str | None:
     cores = os.cpu_count() or 1
     local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     threads = min(int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or cores, cores)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if local_procs * threads > cores or load > 0.5 * cores:
+    # Half a core of slack for background noise (a shell, an editor).
+    if local_procs * threads > cores or busy_cores() + threads > cores + 0.5:
         return "PASSIVE"
     return None
 
@@ -147,9 +167,9 @@ from forkrl.analysis.cli import app as analyze_app  # noqa: E402  (grouped with 
 app.add_typer(analyze_app, name="analyze")
 
 
-@app.command("demo", epilog="Example: forkrl demo --steps 30 --strategy top --ratio 0.2 --seed 0 --out runs/demo")
+@app.command("demo", epilog="Example: forkrl demo --steps 50 --strategy top --ratio 0.2 --seed 0 --out runs/demo")
 def demo(
-    steps: int = typer.Option(36, "--steps", help="RL steps (32 prompts x 8 responses each)."),
+    steps: int = typer.Option(50, "--steps", help="RL steps (32 prompts x 8 responses each)."),
     strategy: str = typer.Option("top", "--strategy", help="top, all, bottom or random."),
     ratio: float = typer.Option(0.2, "--ratio", help="ρ: fraction of tokens kept by top/bottom/random."),
     seed: int = typer.Option(0, "--seed"),
@@ -159,8 +179,11 @@ def demo(
     overrides: list[str] = typer.Argument(None, help="key=value overrides of the training config, e.g. optim.lr=3e-4"),
 ) -> None:
     """Forking-token RLVR end to end on CPU: the toy Countdown task, before/after table, plots, report."""
+    from transformers.utils import logging as hf_logging
+
     from forkrl.toy.demo import run_demo
 
+    hf_logging.disable_progress_bar()  # the model is tiny; load/save bars would only clutter the table
     try:
         run_demo(
             steps=steps,

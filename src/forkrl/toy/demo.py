@@ -135,7 +135,32 @@ def measure(model, tokenizer, examples, k: int, max_new_tokens: int, seed: int, 
     )
 
 
-def _plots(run_dir: Path, final: Measurement, base: Measurement) -> list[str]:
+def accuracy_plot(
+    path: Path, steps: list[int], train_acc: list[float], base_acc: float, final_acc: float, k: int = 8
+) -> str:
+    """Training accuracy per step (and its 5-step mean) with the held-out Acc@k before and after
+    (percent) as two points at step 0 and the last step; returns the file name."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    acc = 100 * np.asarray(train_acc, dtype=float)
+    ax.plot(steps, acc, color="tab:blue", alpha=0.35, label="training batch (sampled)")
+    if len(acc) >= 5:
+        ax.plot(steps[4:], np.convolve(acc, np.ones(5) / 5, mode="valid"), color="tab:blue", label="5-step mean")
+    ax.plot(
+        [0, steps[-1] if steps else 0],
+        [base_acc, final_acc],
+        "o",
+        color="tab:red",
+        label=f"held-out Acc@{k} (before, after)",
+    )
+    ax.set_xlabel("step")
+    ax.set_ylabel("accuracy (%)")
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+    return path.name
+
+
+def _plots(run_dir: Path, final: Measurement, base: Measurement, k: int) -> list[str]:
     plt = pyplot()
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records]
@@ -143,9 +168,8 @@ def _plots(run_dir: Path, final: Measurement, base: Measurement) -> list[str]:
     def series(key):
         return [r.get(key) if r.get(key) is not None else np.nan for r in records]
 
-    files = []
+    files = [accuracy_plot(run_dir / "accuracy.png", steps, series("accuracy"), base.acc_at_k, final.acc_at_k, k)]
     for name, keys, ylabel in (
-        ("accuracy.png", ["accuracy"], "training accuracy (sampled responses)"),
         ("entropy.png", ["entropy", "entropy_kept"], "mean token entropy (nats)"),
         ("response_length.png", ["response_length"], "response length (tokens)"),
     ):
@@ -189,7 +213,7 @@ def _table(base: Measurement, final: Measurement, kept: float, k: int) -> str:
 
 
 def run_demo(
-    steps: int = 36,
+    steps: int = 50,
     strategy: str = "top",
     ratio: float = 0.2,
     seed: int = 0,
@@ -253,7 +277,7 @@ def run_demo(
     after = measure(trainer.model, tokenizer, test_examples, eval_k, max_new_tokens, seed=seed + 1)
 
     run_dir = out / "run"
-    plots = _plots(run_dir, after, before)
+    plots = _plots(run_dir, after, before, eval_k)
     table = _table(before, after, float(last.get("kept_frac", float("nan"))), eval_k)
     elapsed = time.perf_counter() - started
     summary = {
