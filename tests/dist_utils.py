@@ -16,9 +16,7 @@ import torch.multiprocessing as mp
 
 def _worker(rank: int, world_size: int, init_file: str, fn: Callable, args: tuple, queue) -> None:
     try:
-        dist.init_process_group(
-            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
-        )
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
         torch.set_num_threads(1)
         result = fn(rank, world_size, *args)
         # Plain pickle (bytes), not torch's shared-memory reduction: the worker exits right
@@ -42,8 +40,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "rendezvous")
         procs = [
-            ctx.Process(target=_worker, args=(r, world_size, init_file, fn, args, queue))
-            for r in range(world_size)
+            ctx.Process(target=_worker, args=(r, world_size, init_file, fn, args, queue)) for r in range(world_size)
         ]
         for p in procs:
             p.start()

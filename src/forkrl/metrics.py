@@ -51,13 +51,9 @@ class MetricSums:
         if not self._sums:
             return {}
         names = sorted(self._sums)
-        stacked = torch.stack(
-            [torch.stack([self._sums[n].reshape(()), self._counts[n].reshape(())]) for n in names]
-        )
+        stacked = torch.stack([torch.stack([self._sums[n].reshape(()), self._counts[n].reshape(())]) for n in names])
         all_reduce_sum(stacked, group)
         values = stacked.cpu().tolist()
         return {
-            n: (s if n in self._totals else s / c)
-            for n, (s, c) in zip(names, values)
-            if c > 0 or n in self._totals
+            n: (s if n in self._totals else s / c) for n, (s, c) in zip(names, values) if c > 0 or n in self._totals
         }

@@ -184,9 +184,7 @@ class TestEmpty:
 class TestRadixSelect:
     def test_keys_preserve_float_order(self):
         tiny = torch.finfo(torch.float32).tiny
-        x = torch.tensor(
-            [-math.inf, -3.4e38, -1.0, -tiny, -1e-45, 0.0, 1e-45, tiny, 0.5, 1.0, 3.4e38, math.inf]
-        )
+        x = torch.tensor([-math.inf, -3.4e38, -1.0, -tiny, -1e-45, 0.0, 1e-45, tiny, 0.5, 1.0, 3.4e38, math.inf])
         keys = _float_to_key(x)
         assert (keys[1:] > keys[:-1]).all()
         assert keys.min() >= 0 and keys.max() < 2**32

@@ -56,6 +56,7 @@ def test_jsonl_limit_stops_early(tmp_path):
 def test_parquet(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     path = str(tmp_path / "p.parquet")
     rows = [{**r, "extra": {"solution": str(r["extra"]["solution"])}} for r in ROWS]  # one arrow type
     pq.write_table(pa.Table.from_pylist(rows), path)
@@ -78,6 +79,7 @@ def test_list_index_in_key(tmp_path):
 
 def test_datasets_saved_to_disk(tmp_path):
     import datasets
+
     rows = [{**r, "extra": {"solution": str(r["extra"]["solution"])}} for r in ROWS]
     ds = datasets.Dataset.from_list(rows)
     datasets.DatasetDict({"train": ds, "test": ds.select([2])}).save_to_disk(str(tmp_path / "dd"))
@@ -90,6 +92,7 @@ def test_datasets_saved_to_disk(tmp_path):
 
 def test_datasets_data_directory(tmp_path, monkeypatch):
     import datasets
+
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")  # keep ~/.cache clean
     (tmp_path / "data").mkdir()
     rows = [{**r, "extra": {"solution": str(r["extra"]["solution"])}} for r in ROWS]

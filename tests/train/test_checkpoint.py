@@ -55,7 +55,9 @@ def test_sigkill_mid_checkpoint_keeps_previous(tmp_path):
     save_checkpoint(tmp_path, 1, model, tokenizer, optimizer, scheduler, {"marker": "good"})
     proc = subprocess.Popen(
         [sys.executable, "-c", KILLED_SAVE, str(tmp_path)],
-        stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
     )
     assert proc.stdout.readline().strip() == "writing"
     os.kill(proc.pid, signal.SIGKILL)

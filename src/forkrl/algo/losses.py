@@ -123,9 +123,9 @@ def loss_denominators(
     if scope not in SELECTION_SCOPES:
         raise ValueError(f"unknown selection scope {scope!r}; expected one of {SELECTION_SCOPES}")
     # One host copy for all micro-batches (this runs once per optimizer step, not per micro-batch).
-    stats = torch.stack(
-        [torch.stack([m.sum(), (m.sum(dim=-1) > 0).sum()]) for m in micro_batch_masks]
-    ).to(torch.float64)
+    stats = torch.stack([torch.stack([m.sum(), (m.sum(dim=-1) > 0).sum()]) for m in micro_batch_masks]).to(
+        torch.float64
+    )
     per_mb_tokens = [int(n) for n in stats[:, 0].cpu().tolist()]
     if scope == "microbatch":
         kept = sum(num_selected(n, ratio, strategy) for n in per_mb_tokens)

@@ -9,9 +9,7 @@ from __future__ import annotations
 import torch
 
 
-def token_covariance(
-    advantages: torch.Tensor, logprobs: torch.Tensor, response_mask: torch.Tensor
-) -> torch.Tensor:
+def token_covariance(advantages: torch.Tensor, logprobs: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """cov_i = (A_i − mean(A)) · (log π(o_i) − mean(log π)) over the valid tokens given.
 
     Args:

@@ -208,9 +208,7 @@ def _key_to_float(key: torch.Tensor) -> torch.Tensor:
     return bits.to(torch.int32).view(torch.float32)
 
 
-def _top_k_by_key(
-    keys: torch.Tensor, valid: torch.Tensor, k: int, scope: _Scope
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _top_k_by_key(keys: torch.Tensor, valid: torch.Tensor, k: int, scope: _Scope) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest valid keys over the scope, ties to the earlier (rank, flat index).
 
     Args:
