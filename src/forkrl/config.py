@@ -183,6 +183,11 @@ class TrainerConfig:
     """Consecutive steps with a NaN/inf loss or gradient before the run stops."""
     device: str = "auto"
     """`auto` (CUDA if available), `cpu` or `cuda`."""
+    strategy: str = "ddp"
+    """How torchrun processes share the model: `ddp` (each holds all weights, gradients are
+    all-reduced) or `fsdp2` (`torch.distributed.fsdp.fully_shard` per decoder layer: weights,
+    gradients and optimizer state sharded across processes, gathered layer by layer; for models
+    that do not fit one device). Same update either way; ignored on one process."""
     tensorboard: bool = True
     """Write TensorBoard events when tensorboard is installed."""
     wandb_project: str | None = None
@@ -360,6 +365,12 @@ def _validate(cfg: Config, check_files: bool) -> None:
     need(t.eval_samples >= 1, "trainer.eval_samples", ">= 1")
     need(t.max_bad_steps >= 1, "trainer.max_bad_steps", ">= 1")
     need(t.device in ("auto", "cpu", "cuda"), "trainer.device", "auto, cpu or cuda")
+    need(t.strategy in ("ddp", "fsdp2"), "trainer.strategy", "ddp or fsdp2")
+    need(
+        t.strategy != "fsdp2" or not cfg.model.lora_rank,
+        "trainer.strategy",
+        "ddp with LoRA (model.lora_rank > 0): the adapter is small enough to replicate; fsdp2 is for full fine-tuning",
+    )
     if check_files:
         need(bool(cfg.model.name), "model.name", "a hub id or a local model directory")
         need(bool(cfg.data.train_files), "data.train_files", "at least one prompt file or dataset")

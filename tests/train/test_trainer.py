@@ -173,6 +173,12 @@ class TestBadInput:
             "rollout.prompts_per_round=4",
         )
         assert result.exit_code == 2 and "rollout.prompts_per_round = 4: expected 0 unless" in result.output
+        result = self._train(*tiny_overrides(tiny_model_dir, prompts_file, str(tmp_path)), "trainer.strategy=fsdp")
+        assert result.exit_code == 2 and "trainer.strategy = 'fsdp': expected ddp or fsdp2" in result.output
+        result = self._train(
+            *tiny_overrides(tiny_model_dir, prompts_file, str(tmp_path)), "trainer.strategy=fsdp2", "model.lora_rank=4"
+        )
+        assert result.exit_code == 2 and "trainer.strategy = 'fsdp2': expected ddp with LoRA" in result.output
 
     def test_missing_file(self, tiny_model_dir, tmp_path):
         result = self._train(*tiny_overrides(tiny_model_dir, str(tmp_path / "nope.jsonl"), str(tmp_path)))
@@ -186,27 +192,44 @@ class TestBadInput:
             run_training(None, tiny_overrides(tiny_model_dir, str(data), str(tmp_path / "run")))
 
 
-def test_two_processes_equal_one_process(tiny_model_dir, prompts_file, tmp_path):
-    """torchrun with 2 gloo processes, 1 prompt each, equals 1 process with both prompts (global scope)."""
+def _torchrun_train(port: int, overrides: list[str], resume: Path | None = None) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
+    cmd += ["-m", "forkrl.cli", "train", *overrides, *([f"--resume={resume}"] if resume else [])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=Path(__file__).parents[2])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize(("strategy", "port"), [("ddp", 29533), ("fsdp2", 29537)])
+def test_two_processes_equal_one_process(tiny_model_dir, prompts_file, tmp_path, strategy, port):
+    """torchrun with 2 gloo processes, 1 prompt each, equals 1 process with both prompts (global
+    scope), with replicated (DDP) or sharded (FSDP2) weights."""
     common = {"trainer.total_steps": 1, "selection.scope": "global", "optim.micro_batch_size": 2}
     one = tmp_path / "one"
     run_training(None, tiny_overrides(tiny_model_dir, prompts_file, str(one), **common))
     two = tmp_path / "two"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--master_port=29533",
-        "-m",
-        "forkrl.cli",
-        "train",
-        *tiny_overrides(tiny_model_dir, prompts_file, str(two), **common),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=Path(__file__).parents[2])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _torchrun_train(
+        port, tiny_overrides(tiny_model_dir, prompts_file, str(two), **common, **{"trainer.strategy": strategy})
+    )
     a, b = _weights(one / "checkpoints" / "step_000001"), _weights(two / "checkpoints" / "step_000001")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_fsdp2_checkpoint_resumes_on_one_process(tiny_model_dir, prompts_file, tmp_path):
+    """2 FSDP2 steps on 2 processes, then a 3rd on 1 process from the gathered checkpoint (weights
+    and the full Adam state), equal 3 steps on 1 process: the sharded save loses nothing."""
+    common = {"selection.scope": "global", "optim.micro_batch_size": 2, "trainer.strategy": "fsdp2"}
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_training(
+        None, tiny_overrides(tiny_model_dir, prompts_file, str(straight), **common, **{"trainer.total_steps": 3})
+    )
+    _torchrun_train(
+        29541, tiny_overrides(tiny_model_dir, prompts_file, str(resumed), **common, **{"trainer.total_steps": 2})
+    )
+    run_training(None, ["trainer.total_steps=3"], resume=str(resumed))
+    a, b = _weights(straight / "checkpoints" / "step_000003"), _weights(resumed / "checkpoints" / "step_000003")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
 

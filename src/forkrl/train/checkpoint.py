@@ -66,15 +66,18 @@ def save_checkpoint(
     step: int,
     model: torch.nn.Module,
     tokenizer,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | dict[str, Any],
     scheduler,
     trainer_state: dict[str, Any],
     keep: int = 2,
     extra: Callable[[Path], None] | None = None,
+    model_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically and keep only the newest `keep` checkpoints.
 
-    `model` is the HF model to save in `save_pretrained` format (not the DDP wrapper).
+    `model` is the HF model to save in `save_pretrained` format (not the DDP wrapper); with
+    `model_state` (e.g. the full state dict gathered from FSDP2 shards) those tensors are written
+    instead of the model's own. `optimizer` is the optimizer or an already gathered state dict.
     `extra(tmp_dir)` may write more files (e.g. a LoRA adapter) before the rename.
     Call on the writing rank only.
     """
@@ -84,14 +87,14 @@ def save_checkpoint(
     for stale in root.glob(".tmp-*"):  # left by a run killed mid-save
         shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=model_state)
     tokenizer.save_pretrained(tmp)
     if extra is not None:
         extra(tmp)
     torch.save(
         {
             "step": step,
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer if isinstance(optimizer, dict) else optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": capture_rng_state(),
             "trainer": trainer_state,

@@ -37,13 +37,14 @@ from forkrl.distributed import is_distributed
 from forkrl.io import atomic_write_text
 from forkrl.metrics import MetricSums
 from forkrl.models.loading import load_policy
-from forkrl.models.scoring import ResponseScorer, score_responses
+from forkrl.models.scoring import ResponseScorer
 from forkrl.ops.selection import select_tokens
 from forkrl.rollout.base import Rollout, SamplingParams
 from forkrl.rollout.hf import HFGenerationBackend
 from forkrl.tasks.data import PromptExample, PromptSampler, load_prompts
 from forkrl.tasks.rewards import RewardComputer, overlong_penalty
 from forkrl.train.checkpoint import latest_checkpoint, load_trainer_state, restore_rng_state, save_checkpoint
+from forkrl.train.fsdp import gathered, shard_scorer
 from forkrl.train.logging import RunLogger, truncate_jsonl_after_step
 
 PERCENTILES = tuple(range(0, 101, 10))
@@ -137,11 +138,25 @@ class Trainer:
                 cfg.model.name, dtype="float32" if dtype == "auto" else dtype, device=self.device
             )
             self.ref_model.eval().requires_grad_(False)
-        self.scorer = ResponseScorer(self.model)
-        if self.world > 1:
+        # The checkpoint's weights go in before any wrapping (FSDP2 then shards them).
+        resume_path = self._checkpoint_to_resume(Path(resume_from)) if resume_from is not None else None
+        if resume_path is not None:
+            self._load_weights(resume_path)
+        # policy_scorer: the model as one module (for no-grad scoring); scorer: what the update calls.
+        self.policy_scorer = ResponseScorer(self.model)
+        self.ref_scorer = ResponseScorer(self.ref_model) if self.ref_model is not None else None
+        self.sharded = self.world > 1 and cfg.trainer.strategy == "fsdp2"
+        if self.sharded:
+            shard_scorer(self.policy_scorer, self.model)
+            if self.ref_scorer is not None:
+                shard_scorer(self.ref_scorer, self.ref_model)
+            self.scorer = self.policy_scorer
+        elif self.world > 1:
             self.scorer = torch.nn.parallel.DistributedDataParallel(
-                self.scorer, device_ids=[self.device.index] if on_gpu else None
+                self.policy_scorer, device_ids=[self.device.index] if on_gpu else None
             )
+        else:
+            self.scorer = self.policy_scorer
         self.backend = HFGenerationBackend(self.model, self.tokenizer, batch_size=r.generation_batch_size)
 
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -156,8 +171,8 @@ class Trainer:
         self.rewarder = RewardComputer(cfg.reward.function, timeout_s=cfg.reward.timeout_s)
         self.step = 0
         self.bad_steps = 0
-        if resume_from is not None:
-            self._resume(Path(resume_from))
+        if resume_path is not None:
+            self._resume_state(resume_path)
         self.logger = None
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -181,10 +196,14 @@ class Trainer:
             ex.index = i
         return examples
 
-    def _resume(self, run_dir: Path) -> None:
+    @staticmethod
+    def _checkpoint_to_resume(run_dir: Path) -> Path:
         path = latest_checkpoint(run_dir)
         if path is None:
             raise TrainingStopped(f"--resume {run_dir}: no checkpoint found under {run_dir / 'checkpoints'}")
+        return path
+
+    def _load_weights(self, path: Path) -> None:
         from safetensors.torch import load_file
 
         if self.cfg.model.lora_rank:
@@ -202,8 +221,19 @@ class Trainer:
                 raise TrainingStopped(
                     f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}"
                 )
+
+    def _resume_state(self, path: Path) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
         trainer_state = load_trainer_state(path)
-        self.optimizer.load_state_dict(trainer_state["optimizer"])
+        # Full (unsharded) optimizer state keyed by parameter name: the same file resumes a run on
+        # one process, under DDP or under FSDP2, whatever the process count.
+        set_optimizer_state_dict(
+            self.policy_scorer,
+            self.optimizer,
+            optim_state_dict=trainer_state["optimizer"],
+            options=StateDictOptions(full_state_dict=True),
+        )
         self.scheduler.load_state_dict(trainer_state["scheduler"])
         restore_rng_state(trainer_state["rng"])
         self.step = trainer_state["step"]
@@ -216,7 +246,31 @@ class Trainer:
     def save(self) -> Path | None:
         """Checkpoint on the main process. With LoRA, the checkpoint's model is a merged copy
         (loadable by `from_pretrained`) and the adapter itself goes to `adapter/` for resuming."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
         path = None
+        # Full state dicts on CPU, gathered on every process (a collective under FSDP2).
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        optimizer_state = get_optimizer_state_dict(self.policy_scorer, self.optimizer, options=full)
+        model_state = None
+        if self.sharded:
+            prefix = "model."
+            gathered_state = get_model_state_dict(self.policy_scorer, options=full)
+            # Tied weights (lm_head = embed_tokens) come back as two tensors; write the first name
+            # only, as `save_pretrained` does for the shared parameter.
+            first_name: dict[int, str] = {}
+            tied = set()
+            for name, param in self.model.named_parameters(remove_duplicate=False):
+                if id(param) in first_name:
+                    tied.add(name)
+                else:
+                    first_name[id(param)] = name
+            model_state = {k.removeprefix(prefix): v for k, v in gathered_state.items()}
+            model_state = {k: v for k, v in model_state.items() if k not in tied}
         if self.is_main:
             model, extra = self.model, None
             if self.cfg.model.lora_rank:
@@ -229,11 +283,12 @@ class Trainer:
                 self.step,
                 model,
                 self.tokenizer,
-                self.optimizer,
+                optimizer_state,
                 self.scheduler,
                 {"sampler": self.sampler.state_dict(), "bad_steps": self.bad_steps},
                 keep=self.cfg.trainer.keep_checkpoints,
                 extra=extra,
+                model_state=model_state,
             )
         if is_distributed():
             dist.barrier()
@@ -260,7 +315,7 @@ class Trainer:
             entropy_temperature=tuple(cfg.entropy_temperature) if cfg.entropy_temperature else None,
             row_seeds=row_seeds,
         )
-        with self.autocast:
+        with self.autocast, gathered(self.policy_scorer if self.sharded else None):
             rollout = self.backend.generate([ex.prompt for ex in examples], params)
         return rollout, examples
 
@@ -347,10 +402,9 @@ class Trainer:
         return [slice(i, min(i + mb, rows.stop)) for i in range(rows.start, rows.stop, mb)]
 
     @torch.no_grad()
-    def _score_no_grad(self, model, ro: Rollout, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    def _score_no_grad(self, scorer, ro: Rollout, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
         with self.autocast:
-            return score_responses(
-                model,
+            return scorer(
                 ro.prompt_ids[rows],
                 ro.prompt_mask[rows],
                 ro.response_ids[rows],
@@ -358,8 +412,8 @@ class Trainer:
                 self.cfg.rollout.temperature,
             )
 
-    def _score_all(self, model, ro: Rollout, rows: range) -> tuple[torch.Tensor, torch.Tensor]:
-        parts = [self._score_no_grad(model, ro, s) for s in self._micro_slices(rows)]
+    def _score_all(self, scorer, ro: Rollout, rows: range) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = [self._score_no_grad(scorer, ro, s) for s in self._micro_slices(rows)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def update(self, batch: StepBatch, timings: dict[str, float], stats: MetricSums) -> None:
@@ -374,9 +428,9 @@ class Trainer:
         t0 = time.perf_counter()
         old_logp = old_ent = ref_logp = None
         if not on_policy:
-            old_logp, old_ent = self._score_all(self.model, ro, range(n_rows))
+            old_logp, old_ent = self._score_all(self.policy_scorer, ro, range(n_rows))
         if self.ref_model is not None:
-            ref_logp, _ = self._score_all(self.ref_model, ro, range(n_rows))
+            ref_logp, _ = self._score_all(self.ref_scorer, ro, range(n_rows))
         timings["old_logprobs_s"] += time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -396,7 +450,7 @@ class Trainer:
                     else:
                         ent = None
                     if ent is None:
-                        ent = self._score_all(self.model, ro, rows)[1]
+                        ent = self._score_all(self.policy_scorer, ro, rows)[1]
                     chosen = select_tokens(
                         ent,
                         ro.response_mask[rows.start : rows.stop],
@@ -409,8 +463,8 @@ class Trainer:
                     _add_selection_stats(stats, chosen)
                 for i, s in enumerate(micro):
                     last = i == len(micro) - 1
-                    # DDP all-reduces gradients only on the last micro-batch of the mini-batch.
-                    sync = contextlib.nullcontext() if last or self.world == 1 else self.scorer.no_sync()
+                    # Gradients are reduced across processes only on the last micro-batch of the mini-batch.
+                    sync = self._gradient_sync(last)
                     with sync:
                         with self.autocast:
                             logp, ent = self.scorer(
@@ -445,10 +499,20 @@ class Trainer:
                 self._optimizer_step(stats)
         timings["update_s"] += time.perf_counter() - t0
 
+    def _gradient_sync(self, last: bool):
+        if self.world == 1:
+            return contextlib.nullcontext()
+        if self.sharded:
+            self.scorer.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
+        return contextlib.nullcontext() if last else self.scorer.no_sync()
+
     def _optimizer_step(self, stats: MetricSums) -> None:
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+            grad_norm = grad_norm.full_tensor()
         # One host sync per optimizer step: the skip decision (identical on every rank after DDP).
         if torch.isfinite(grad_norm):
             self.optimizer.step()
@@ -468,32 +532,40 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Acc@k / Len@k on `data.eval_files` (main process; the others wait), as `eval/<file>/…` metrics."""
-        cfg, metrics = self.cfg, {}
-        if self.is_main:
-            from forkrl.eval.accuracy import evaluate_model, write_eval_report
-
-            with self.autocast:
-                report = evaluate_model(
-                    self.model,
-                    self.tokenizer,
-                    cfg.data.eval_files,
-                    k=cfg.trainer.eval_samples,
-                    max_new_tokens=cfg.trainer.eval_max_new_tokens or cfg.rollout.max_new_tokens,
-                    temperature=cfg.rollout.temperature,
-                    reward_fn=cfg.reward.function,
-                    question_key=cfg.data.question_key,
-                    answer_key=cfg.data.answer_key,
-                    template=cfg.data.template,
-                    batch_size=cfg.rollout.generation_batch_size,
-                    seed=cfg.seed,
-                    reward_timeout_s=cfg.reward.timeout_s,
-                )
-            write_eval_report(report, self.run_dir / "eval" / f"step_{self.step:06d}")
-            for result in report.results:
-                metrics[f"eval/{result.name}/acc_at_k"] = result.acc_at_k
-                metrics[f"eval/{result.name}/len_at_k"] = result.len_at_k
+        metrics: dict[str, float] = {}
+        # Under FSDP2 every process gathers the weights; the main one evaluates with them.
+        with gathered(self.policy_scorer if self.sharded else None):
+            if self.is_main:
+                metrics = self._evaluate_main()
         if is_distributed():
             dist.barrier()
+        return metrics
+
+    def _evaluate_main(self) -> dict[str, float]:
+        """Acc@k / Len@k on `data.eval_files` with this process's (full) weights."""
+        cfg, metrics = self.cfg, {}
+        from forkrl.eval.accuracy import evaluate_model, write_eval_report
+
+        with self.autocast:
+            report = evaluate_model(
+                self.model,
+                self.tokenizer,
+                cfg.data.eval_files,
+                k=cfg.trainer.eval_samples,
+                max_new_tokens=cfg.trainer.eval_max_new_tokens or cfg.rollout.max_new_tokens,
+                temperature=cfg.rollout.temperature,
+                reward_fn=cfg.reward.function,
+                question_key=cfg.data.question_key,
+                answer_key=cfg.data.answer_key,
+                template=cfg.data.template,
+                batch_size=cfg.rollout.generation_batch_size,
+                seed=cfg.seed,
+                reward_timeout_s=cfg.reward.timeout_s,
+            )
+        write_eval_report(report, self.run_dir / "eval" / f"step_{self.step:06d}")
+        for result in report.results:
+            metrics[f"eval/{result.name}/acc_at_k"] = result.acc_at_k
+            metrics[f"eval/{result.name}/len_at_k"] = result.len_at_k
         return metrics
 
     # ------------------------------------------------------------------ the loop
