@@ -200,18 +200,28 @@ def _torchrun_train(port: int, overrides: list[str], resume: Path | None = None)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize(("strategy", "port"), [("ddp", 29533), ("fsdp2", 29537)])
-def test_two_processes_equal_one_process(tiny_model_dir, prompts_file, tmp_path, strategy, port):
+@pytest.mark.parametrize(
+    ("strategy", "ref_kl", "steps", "port"),
+    [("ddp", 0.0, 1, 29533), ("fsdp2", 0.0, 1, 29537), ("fsdp2", 0.5, 2, 29539)],
+)
+def test_two_processes_equal_one_process(tiny_model_dir, prompts_file, tmp_path, strategy, ref_kl, steps, port):
     """torchrun with 2 gloo processes, 1 prompt each, equals 1 process with both prompts (global
-    scope), with replicated (DDP) or sharded (FSDP2) weights."""
-    common = {"trainer.total_steps": 1, "selection.scope": "global", "optim.micro_batch_size": 2}
+    scope), with replicated (DDP) or sharded (FSDP2) weights, and with a sharded reference model
+    (2 steps: at step 1 the policy is the reference and the KL has no gradient)."""
+    common = {
+        "trainer.total_steps": steps,
+        "selection.scope": "global",
+        "optim.micro_batch_size": 2,
+        "loss.ref_kl_coef": ref_kl,
+    }
     one = tmp_path / "one"
     run_training(None, tiny_overrides(tiny_model_dir, prompts_file, str(one), **common))
     two = tmp_path / "two"
     _torchrun_train(
         port, tiny_overrides(tiny_model_dir, prompts_file, str(two), **common, **{"trainer.strategy": strategy})
     )
-    a, b = _weights(one / "checkpoints" / "step_000001"), _weights(two / "checkpoints" / "step_000001")
+    last = f"step_{steps:06d}"
+    a, b = _weights(one / "checkpoints" / last), _weights(two / "checkpoints" / last)
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
