@@ -13,8 +13,9 @@ One `Trainer.train()` call runs `trainer.total_steps` steps. Each step:
    over micro-batches, clips the gradient and steps (a NaN/inf step is skipped and counted).
 
 A single process is the same code path with world size 1; under `torchrun` gradients are
-averaged by DDP and the loss denominators are global, so the update equals the one-process
-update on the same global batch.
+averaged across processes (DDP's all-reduce, or FSDP2's reduce-scatter with
+`trainer.strategy=fsdp2`) and the loss denominators are global, so the update equals the
+one-process update on the same global batch.
 """
 
 from __future__ import annotations
