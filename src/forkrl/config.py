@@ -115,6 +115,10 @@ class RolloutConfig:
     """Prompts drawn per dynamic-sampling round (0 = `prompts_per_step`). More than
     `prompts_per_step` oversamples, like verl's `data.gen_batch_size`: the batch fills in fewer
     rounds and informative groups beyond `prompts_per_step` are dropped."""
+    decode_phase: int = 0
+    """Tokens per decoding phase (0 = one `generate` call per batch). After each phase only the
+    rows that have not ended go on, so a few long responses stop holding the whole batch; the
+    sampled tokens are unchanged (per-row seeds)."""
 
 
 @dataclass
@@ -335,6 +339,7 @@ def _validate(cfg: Config, check_files: bool) -> None:
     need(r.top_k >= 0, "rollout.top_k", ">= 0")
     need(r.generation_batch_size >= 1, "rollout.generation_batch_size", ">= 1")
     need(r.max_sampling_rounds >= 1, "rollout.max_sampling_rounds", ">= 1")
+    need(r.decode_phase >= 0, "rollout.decode_phase", ">= 0 (0 = one generate call)")
     need(r.prompts_per_round >= 0, "rollout.prompts_per_round", ">= 0 (0 = rollout.prompts_per_step)")
     need(
         r.prompts_per_round == 0 or r.dynamic_sampling,

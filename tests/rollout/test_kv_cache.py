@@ -75,3 +75,23 @@ def test_generation_equals_the_default_cache(share_prompt, monkeypatch):
     assert torch.equal(ours.response_ids, theirs.response_ids)
     torch.testing.assert_close(ours.sampler_logprobs, theirs.sampler_logprobs, rtol=0, atol=1e-5)
     torch.testing.assert_close(ours.sampler_entropy, theirs.sampler_entropy, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_decode_phases_give_the_tokens_of_one_call(share_prompt):
+    """Phases of 7 tokens, continuing only unfinished rows, equal one `generate` call."""
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(tok, seed=1)
+    with torch.no_grad():  # make EOS likely enough that rows end at many different steps
+        model.get_output_embeddings().weight[tok.eos_token_id] *= 4
+    prompts = ["1+1=", "1+1=", "1+1=", "x = 3, y =", "9", "9", "ab", "ab", "q", "q", "q", "zz"]
+    params = SamplingParams(max_new_tokens=40, row_seeds=list(range(100, 100 + len(prompts))))
+    one = HFGenerationBackend(model, tok, share_prompt=share_prompt).generate(prompts, params)
+    phased = HFGenerationBackend(model, tok, share_prompt=share_prompt, decode_phase=7).generate(prompts, params)
+    lengths = one.response_lengths.tolist()
+    # The case is a real one: rows end in several different phases, and some run to the limit.
+    assert len({min(n - 1, 39) // 7 for n in lengths}) >= 3 and max(lengths) == 40, lengths
+    assert torch.equal(phased.response_ids, one.response_ids)
+    assert torch.equal(phased.response_mask, one.response_mask)
+    torch.testing.assert_close(phased.sampler_logprobs, one.sampler_logprobs, rtol=0, atol=1e-5)
+    torch.testing.assert_close(phased.sampler_entropy, one.sampler_entropy, rtol=0, atol=1e-5)

@@ -65,6 +65,12 @@ class HFGenerationBackend:
     runs each row's last prompt token and the responses against it. This changes the arithmetic
     of the prompt's keys/values only by float rounding; the sampling, seeds and recorded
     statistics are untouched.
+
+    Long tails: `generate` decodes every row of a batch until its longest response ends, so one
+    long response keeps the whole batch busy. With `decode_phase = n > 0`, generation stops every
+    n tokens and goes on with only the unfinished rows (and their slice of the KV cache). With
+    `row_seeds` the tokens are those of a single call (each row's draw depends on its seed and
+    step only); the cost is one extra `generate` call, and its setup, per phase.
     """
 
     def __init__(
@@ -74,6 +80,7 @@ class HFGenerationBackend:
         batch_size: int = 64,
         eos_token_ids: Sequence[int] | None = None,
         share_prompt: bool = True,
+        decode_phase: int = 0,
     ):
         if tokenizer.pad_token_id is None:
             raise ValueError("tokenizer needs a pad token (load_policy sets pad = EOS when missing)")
@@ -81,6 +88,7 @@ class HFGenerationBackend:
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.share_prompt = share_prompt
+        self.decode_phase = decode_phase
         self.pad_token_id = tokenizer.pad_token_id
         self.eos_token_ids = list(eos_token_ids) if eos_token_ids is not None else _default_eos_ids(model, tokenizer)
         if not self.eos_token_ids:
@@ -137,24 +145,7 @@ class HFGenerationBackend:
             prompt_mask[row, P - len(p) :] = 1
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
 
-        recorder = _SamplerStatsRecorder()
-        processors = _build_processors(params, recorder)
         seeds = None if row_seeds is None else torch.tensor(row_seeds, dtype=torch.long, device=device)
-        if seeds is not None:
-            # After the recorder: the Gumbel-max draw is from the recorded final scores' softmax.
-            processors.append(SeededGumbelSampler(seeds, prompt_len=P))
-        # The warpers live in our processor list, so generate's own must be neutral:
-        # do_sample with T = 1, top_k = 0, top_p = 1 adds none of them.
-        gen_config = GenerationConfig(
-            do_sample=True,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=params.max_new_tokens,
-            eos_token_id=self.eos_token_ids,
-            pad_token_id=self.pad_token_id,
-            use_cache=True,
-        )
         # generate continues from a cache holding a prefix of `input_ids` (it runs only the rest).
         # On full-attention decoders that cache appends in place (`kv_cache.GrowingLayer`); on others
         # generate builds its own.
@@ -162,16 +153,41 @@ class HFGenerationBackend:
         cache = growing_cache() if prefix_sharing_supported(decoder) else None
         if self.share_prompt and cache is not None:
             cache = self._prefill_shared_prompts(prompt_ids, prompt_mask, cache)
-        with _neutral_model_generation_config(self.model):
-            sequences = self.model.generate(
-                input_ids=prompt_ids,
-                attention_mask=prompt_mask,
-                generation_config=gen_config,
-                logits_processor=processors,
-                **({} if cache is None else {"past_key_values": cache}),
-            )
-        response_ids = sequences[:, P:]
-        logprobs, entropy = recorder.finish(response_ids)
+        phase = self.decode_phase if cache is not None else 0
+        eos = torch.tensor(self.eos_token_ids, device=device)
+
+        # Decode in phases of `phase` tokens; after each, only the rows without an EOS go on, with
+        # their slice of the cache. A row's tokens depend only on its seed and step (the sampler's
+        # step counts from the original padded prompt length), so they are those of one long call.
+        rows, row_seeds_now = torch.arange(B, device=device), seeds
+        input_ids, attention_mask, done = prompt_ids, prompt_mask, 0
+        response_ids = logprobs = entropy = None
+        while True:
+            n = params.max_new_tokens - done if phase <= 0 else min(phase, params.max_new_tokens - done)
+            new, lp, ent = self._generate_phase(input_ids, attention_mask, params, row_seeds_now, P, n, cache)
+            if response_ids is None:
+                if phase <= 0 or new.shape[1] < n:  # one call did it all: no copies
+                    response_ids, logprobs, entropy = new, lp, ent
+                    break
+                size = (B, params.max_new_tokens)
+                response_ids = torch.full(size, self.pad_token_id, dtype=new.dtype, device=device)
+                logprobs = torch.zeros(size, dtype=lp.dtype, device=device)
+                entropy = torch.zeros(size, dtype=ent.dtype, device=device)
+            R = new.shape[1]
+            response_ids[rows, done : done + R] = new
+            logprobs[rows, done : done + R] = lp
+            entropy[rows, done : done + R] = ent
+            done += R
+            going = ~torch.isin(new, eos).any(-1)
+            if done >= params.max_new_tokens or R < n or not bool(going.any()):
+                response_ids, logprobs, entropy = response_ids[:, :done], logprobs[:, :done], entropy[:, :done]
+                break
+            keep = going.nonzero().squeeze(1)
+            rows = rows[keep]
+            row_seeds_now = None if row_seeds_now is None else row_seeds_now[keep]
+            input_ids = torch.cat([input_ids, new], 1)[keep]
+            attention_mask = torch.cat([attention_mask, torch.ones_like(new)], 1)[keep]
+            cache.batch_select_indices(keep)
 
         # Valid = no EOS strictly before this position; the EOS itself is kept (it is a decision).
         is_eos = torch.isin(response_ids, torch.tensor(self.eos_token_ids, device=device))
@@ -187,6 +203,47 @@ class HFGenerationBackend:
             response_lengths=response_mask.sum(-1),
             row_seeds=seeds,
         )
+
+    def _generate_phase(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        params: SamplingParams,
+        seeds: torch.Tensor | None,
+        prompt_len: int,
+        max_new_tokens: int,
+        cache,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One `generate` call of up to `max_new_tokens` from `input_ids` (and the `cache` holding
+        all but their last column); returns the new tokens and their log-probs and entropies."""
+        recorder = _SamplerStatsRecorder()
+        processors = _build_processors(params, recorder)
+        if seeds is not None:
+            # After the recorder: the Gumbel-max draw is from the recorded final scores' softmax.
+            processors.append(SeededGumbelSampler(seeds, prompt_len=prompt_len))
+        # The warpers live in our processor list, so generate's own must be neutral:
+        # do_sample with T = 1, top_k = 0, top_p = 1 adds none of them.
+        gen_config = GenerationConfig(
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=self.eos_token_ids,
+            pad_token_id=self.pad_token_id,
+            use_cache=True,
+        )
+        with _neutral_model_generation_config(self.model):
+            sequences = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                generation_config=gen_config,
+                logits_processor=processors,
+                **({} if cache is None else {"past_key_values": cache}),
+            )
+        new = sequences[:, input_ids.shape[1] :]
+        logprobs, entropy = recorder.finish(new)
+        return new, logprobs, entropy
 
     @torch.no_grad()
     def _prefill_shared_prompts(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cache):

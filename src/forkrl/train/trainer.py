@@ -158,7 +158,9 @@ class Trainer:
             )
         else:
             self.scorer = self.policy_scorer
-        self.backend = HFGenerationBackend(self.model, self.tokenizer, batch_size=r.generation_batch_size)
+        self.backend = HFGenerationBackend(
+            self.model, self.tokenizer, batch_size=r.generation_batch_size, decode_phase=r.decode_phase
+        )
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
