@@ -98,7 +98,8 @@ class Measurement:
 
 def measure(model, tokenizer, examples, k: int, max_new_tokens: int, seed: int, batch_size: int = 256) -> Measurement:
     """Sample k responses per problem at T = 1: Acc@k, Len@k, entropy structure (one generation)."""
-    backend = HFGenerationBackend(model, tokenizer, batch_size=batch_size)
+    # Phases of 64 tokens: the same tokens as one call, without decoding finished rows (rollout.decode_phase).
+    backend = HFGenerationBackend(model, tokenizer, batch_size=batch_size, decode_phase=64)
     rows = [ex for ex in examples for _ in range(k)]
     seeds = [seed * 1_000_003 + i for i in range(len(rows))]
     rollout = backend.generate([ex.prompt for ex in rows], SamplingParams(max_new_tokens, row_seeds=seeds))
