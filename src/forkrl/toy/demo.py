@@ -293,6 +293,9 @@ def run_demo(
         "before": {k: v for k, v in vars(before).items() if k != "entropies"},
         "after": {k: v for k, v in vars(after).items() if k != "entropies"},
         "kept_frac": last.get("kept_frac"),
+        # How the CPU was used (timings depend on it; see `forkrl.cli._omp_wait_policy`).
+        "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default (spin)"),
     }
     atomic_write_json(out / "report.json", summary)
     atomic_write_text(out / "report.md", _report_md(summary, table, plots, eval_k, eval_problems))
@@ -310,7 +313,8 @@ def _report_md(s: dict, table: str, plots: list[str], k: int, n: int) -> str:
     return (
         f"""# forkrl demo: forking-token RLVR on the toy Countdown task
 
-Strategy `{s["strategy"]}` (ρ = {s["ratio"]}), {s["steps"]} steps, seed {s["seed"]}, {s["seconds"]:.0f} s on CPU.
+Strategy `{s["strategy"]}` (ρ = {s["ratio"]}), {s["steps"]} steps, seed {s["seed"]}, {s["seconds"]:.0f} s on CPU
+({s["threads"]} threads, OpenMP wait policy {s["omp_wait_policy"]}).
 Held-out set: {n} test-split problems, {k} samples each at T = 1.
 
 {table}
