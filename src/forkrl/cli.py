@@ -169,7 +169,7 @@ app.add_typer(analyze_app, name="analyze")
 
 @app.command("demo", epilog="Example: forkrl demo --steps 50 --strategy top --ratio 0.2 --seed 0 --out runs/demo")
 def demo(
-    steps: int = typer.Option(50, "--steps", help="RL steps (32 prompts x 8 responses each)."),
+    steps: int = typer.Option(50, "--steps", help="RL steps (each trains on 32 prompts x 8 responses, drawn from 48)."),
     strategy: str = typer.Option("top", "--strategy", help="top, all, bottom or random."),
     ratio: float = typer.Option(0.2, "--ratio", help="ρ: fraction of tokens kept by top/bottom/random."),
     seed: int = typer.Option(0, "--seed"),

@@ -118,7 +118,8 @@ class RolloutConfig:
     decode_phase: int = 0
     """Tokens per decoding phase (0 = one `generate` call per batch). After each phase only the
     rows that have not ended go on, so a few long responses stop holding the whole batch; the
-    sampled tokens are unchanged (per-row seeds)."""
+    sampled tokens are unchanged (per-row seeds). Full-attention decoders only (the in-place KV
+    cache is sliced between phases); others decode in one call."""
 
 
 @dataclass

@@ -9,7 +9,7 @@ from forkrl.models.loading import load_policy
 from forkrl.models.scoring import ResponseScorer
 from forkrl.rollout import SamplingParams
 from forkrl.rollout.hf import HFGenerationBackend
-from forkrl.train.fsdp import gathered, is_sharded, shard_scorer
+from forkrl.train.fsdp import gathered, shard_scorer
 from tests.dist_utils import run_distributed
 
 PROMPTS = [[3, 4, 5], [6, 7], [3, 4, 5], [8]]
@@ -30,7 +30,9 @@ def _sharded_worker(rank: int, world: int, model_dir: str):
         inside = {n: p.numel() for n, p in model.named_parameters()}
         tokens = _generate(model, tokenizer)
     after = {n: p.to_local().numel() for n, p in model.named_parameters()}
-    return is_sharded(scorer), full_numel, local, inside, after, tokens
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(scorer, FSDPModule), full_numel, local, inside, after, tokens
 
 
 def test_shards_gathers_and_generates_like_the_plain_model(tiny_model_dir):

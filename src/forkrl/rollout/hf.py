@@ -190,7 +190,7 @@ class HFGenerationBackend:
             cache.batch_select_indices(keep)
 
         # Valid = no EOS strictly before this position; the EOS itself is kept (it is a decision).
-        is_eos = torch.isin(response_ids, torch.tensor(self.eos_token_ids, device=device))
+        is_eos = torch.isin(response_ids, eos)
         response_mask = ((is_eos.long().cumsum(-1) - is_eos.long()) == 0).long()
         return Rollout(
             prompt_ids=prompt_ids,

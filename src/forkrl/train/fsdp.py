@@ -8,8 +8,8 @@ over processes as DDP's all-reduce, so the loss code is shared.
 
 Generation calls `model.generate`, which goes around the root's forward; `gathered(...)` unshards
 every group for its duration (one all-gather per rollout instead of one per decoded token) and
-reshards after. Checkpoints are written in the same `save_pretrained` layout as DDP's: the full
-state dict is gathered to CPU on every process and written by the main one.
+reshards after. Checkpoints are written in the same `save_pretrained` layout as DDP's: every
+process takes part in gathering the full state dict, which lands in the main process's CPU memory.
 """
 
 from __future__ import annotations
@@ -34,10 +34,8 @@ def shard_scorer(scorer: torch.nn.Module, model: torch.nn.Module) -> None:
         )
     for layer in layers:
         fully_shard(layer, reshard_after_forward=True)
-        layer._forkrl_reshard_after_forward = True
     # The root keeps its parameters after forward (FSDP's own default): backward needs them at once.
     fully_shard(scorer, reshard_after_forward=False)
-    scorer._forkrl_reshard_after_forward = False
     # FSDP2 initializes lazily at the first forward, taking whichever module runs first as the
     # root. `generate` enters through the layers, so run the scorer once (one token) to make it
     # the root of them all before anything else does.
@@ -57,7 +55,8 @@ def _fsdp_modules(root: torch.nn.Module) -> list[torch.nn.Module]:
 @contextlib.contextmanager
 def gathered(root: torch.nn.Module | None) -> Iterator[None]:
     """Hold every FSDP group under `root` unsharded (full parameters on each process) inside the
-    block; a no-op for a module without FSDP. Collective: every process must enter it."""
+    block; a no-op for a module without FSDP. Collective: every process must enter it. Afterwards
+    the groups reshard after forward again as `shard_scorer` set them: all but the root."""
     modules = [] if root is None else _fsdp_modules(root)
     if not modules:
         yield
@@ -70,8 +69,4 @@ def gathered(root: torch.nn.Module | None) -> Iterator[None]:
     finally:
         for m in modules:
             m.reshard()
-            m.set_reshard_after_forward(getattr(m, "_forkrl_reshard_after_forward", True), recurse=False)
-
-
-def is_sharded(root: torch.nn.Module) -> bool:
-    return bool(_fsdp_modules(root))
+            m.set_reshard_after_forward(m is not root, recurse=False)

@@ -256,12 +256,14 @@ class Trainer:
         )
 
         path = None
-        # Full state dicts on CPU, gathered on every process (a collective under FSDP2).
+        # Full state dicts in the main process's CPU memory. Under FSDP2 gathering them is a
+        # collective (every process calls); otherwise the main process's own copy is the whole.
         full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        optimizer_state = get_optimizer_state_dict(self.policy_scorer, self.optimizer, options=full)
-        model_state = None
+        optimizer_state = model_state = None
+        if self.sharded or self.is_main:
+            # Keyed by parameter name, so the file resumes under any strategy and process count.
+            optimizer_state = get_optimizer_state_dict(self.policy_scorer, self.optimizer, options=full)
         if self.sharded:
-            prefix = "model."
             gathered_state = get_model_state_dict(self.policy_scorer, options=full)
             # Tied weights (lm_head = embed_tokens) come back as two tensors; write the first name
             # only, as `save_pretrained` does for the shared parameter.
@@ -272,7 +274,7 @@ class Trainer:
                     tied.add(name)
                 else:
                     first_name[id(param)] = name
-            model_state = {k.removeprefix(prefix): v for k, v in gathered_state.items()}
+            model_state = {k.removeprefix("model."): v for k, v in gathered_state.items()}
             model_state = {k: v for k, v in model_state.items() if k not in tied}
         if self.is_main:
             model, extra = self.model, None
