@@ -4,7 +4,19 @@ import json
 
 import pytest
 
+from forkrl import fast_paths
 from forkrl.models.tiny import save_tiny_model_dir
+
+
+@pytest.fixture(autouse=True)
+def no_fast_path_declined(request):
+    """Every test fails if a fast path was declined in its process (a silent fallback on the locked
+    transformers), except those marked `declines_fast_paths`, which make it happen on purpose."""
+    fast_paths.reset()
+    yield
+    if request.node.get_closest_marker("declines_fast_paths") is None:
+        off = {name: value for name, value in fast_paths.status().items() if value.startswith("off")}
+        assert not off, f"fast paths declined: {off}"
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,8 @@ import types
 import pytest
 import torch
 
-from forkrl.models import build_tiny_model, build_tiny_tokenizer
+from forkrl import fast_paths
+from forkrl.models import build_tiny_model, build_tiny_tokenizer, compat
 from forkrl.models.scoring import _shared_prefix_hidden_states, prompt_groups, score_responses
 
 TEMPERATURE = 0.7
@@ -32,7 +33,7 @@ def make_model(tok, arch="qwen3", dtype=torch.float64, gradient_checkpointing=Fa
             if type(module).__name__.endswith("RMSNorm"):
                 module.forward = types.MethodType(_float64_rms_norm, module)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        compat.enable_activation_checkpointing(model)
     return model
 
 
@@ -65,6 +66,7 @@ def score_with_grads(model, batch, share_prompt):
 def assert_paths_agree(model, batch, rtol, atol):
     lp_plain, ent_plain, grads_plain = score_with_grads(model, batch, share_prompt=False)
     lp_shared, ent_shared, grads_shared = score_with_grads(model, batch, share_prompt=True)
+    assert fast_paths.status()[fast_paths.SHARED_PREFIX_SCORING] == "on"  # the comparison is not plain vs plain
     torch.testing.assert_close(lp_shared, lp_plain, rtol=rtol, atol=atol)
     torch.testing.assert_close(ent_shared, ent_plain, rtol=rtol, atol=atol)
     assert grads_shared.keys() == grads_plain.keys() and grads_plain

@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from forkrl import fast_paths
 from forkrl.models import build_tiny_model, build_tiny_tokenizer
 from forkrl.rollout import HFGenerationBackend, SamplingParams
 from forkrl.rollout import hf as hf_module
@@ -62,6 +63,7 @@ def test_earlier_returned_views_are_not_overwritten():
     assert torch.equal(first, snapshot)
 
 
+@pytest.mark.declines_fast_paths  # the reference run turns the in-place cache off on purpose
 @pytest.mark.parametrize("share_prompt", [True, False])
 def test_generation_equals_the_default_cache(share_prompt, monkeypatch):
     tok = build_tiny_tokenizer()
@@ -69,8 +71,11 @@ def test_generation_equals_the_default_cache(share_prompt, monkeypatch):
     prompts = ["1+1=", "1+1=", "1+1=", "x = 3, y =", "9", "9"]
     params = SamplingParams(max_new_tokens=MIN_CAPACITY + 20, row_seeds=list(range(len(prompts))))
     ours = HFGenerationBackend(model, tok, share_prompt=share_prompt).generate(prompts, params)
+    assert fast_paths.status()[fast_paths.INPLACE_KV_CACHE] == "on"
     monkeypatch.setattr(hf_module, "growing_cache", lambda: None)  # generate's own DynamicCache
+    fast_paths.reset()
     theirs = HFGenerationBackend(model, tok, share_prompt=False).generate(prompts, params)
+    assert fast_paths.status()[fast_paths.INPLACE_KV_CACHE].startswith("off")  # the reference really is another path
     assert ours.response_ids.shape[1] > MIN_CAPACITY  # decoding ran past the first buffer
     assert torch.equal(ours.response_ids, theirs.response_ids)
     torch.testing.assert_close(ours.sampler_logprobs, theirs.sampler_logprobs, rtol=0, atol=1e-5)
@@ -88,6 +93,8 @@ def test_decode_phases_give_the_tokens_of_one_call(share_prompt):
     params = SamplingParams(max_new_tokens=40, row_seeds=list(range(100, 100 + len(prompts))))
     one = HFGenerationBackend(model, tok, share_prompt=share_prompt).generate(prompts, params)
     phased = HFGenerationBackend(model, tok, share_prompt=share_prompt, decode_phase=7).generate(prompts, params)
+    assert fast_paths.status()[fast_paths.DECODE_PHASES] == "on"
+    assert fast_paths.status()[fast_paths.SHARED_PROMPT_PREFILL] == ("on" if share_prompt else "not used")
     lengths = one.response_lengths.tolist()
     # The case is a real one: rows end in several different phases, and some run to the limit.
     assert len({min(n - 1, 39) // 7 for n in lengths}) >= 3 and max(lengths) == 40, lengths

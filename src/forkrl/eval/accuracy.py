@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from forkrl import fast_paths
 from forkrl.io import atomic_write_json, atomic_write_text
 from forkrl.rollout.base import GenerationBackend, SamplingParams
 from forkrl.rollout.hf import HFGenerationBackend
@@ -380,6 +381,7 @@ def run_eval_command(
     from forkrl.models.loading import load_policy
 
     policy, tokenizer = load_policy(model, dtype=dtype, device=device)
+    fast_paths.reset()
     report = evaluate_model(
         policy,
         tokenizer,
@@ -398,6 +400,7 @@ def run_eval_command(
         split=split,
     )
     report.config["model"] = model
+    report.config["fast_paths"] = fast_paths.status()  # which speed-ups ran; a declined one is also warned
     print(report.to_markdown(), end="")
     errors = sum(r.num_reward_errors for r in report.results)
     if errors:

@@ -12,13 +12,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import transformers
-from packaging.version import Version
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from forkrl.models import compat
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# `torch_dtype=` was renamed `dtype=` in transformers 4.56; keep both working.
-_DTYPE_KWARG = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 
 
 def load_policy(
@@ -65,7 +63,7 @@ def load_policy(
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
 
-    kwargs = {_DTYPE_KWARG: "auto" if dtype == "auto" else _DTYPES[dtype]}
+    kwargs = {"dtype": "auto" if dtype == "auto" else _DTYPES[dtype]}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(path_str, trust_remote_code=trust_remote_code, **kwargs)
@@ -76,7 +74,7 @@ def load_policy(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        compat.enable_activation_checkpointing(model)
     if lora_rank > 0:
         model = _wrap_lora(model, lora_rank, lora_alpha, lora_target_modules, gradient_checkpointing)
     return model, tokenizer

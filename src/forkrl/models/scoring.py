@@ -13,20 +13,12 @@ are `index_select`s, so autograd sums the G responses' gradients into the one pr
 
 from __future__ import annotations
 
-import contextlib
-import inspect
-from collections.abc import Iterator
-
 import torch
 
+from forkrl import fast_paths
+from forkrl.models import compat
 from forkrl.models.loading import forward_hidden_states, get_lm_head, unwrap_peft
 from forkrl.ops.logprobs import fused_linear_logprobs_and_entropy
-
-try:  # the per-layer cache API (`Cache(layers=...)`, `DynamicLayer`) of transformers >= 5
-    from transformers.cache_utils import Cache, DynamicLayer
-    from transformers.modeling_layers import GradientCheckpointingLayer
-except ImportError:  # older transformers: score with the plain path
-    Cache = DynamicLayer = GradientCheckpointingLayer = None
 
 
 def score_responses(
@@ -50,8 +42,9 @@ def score_responses(
         share_prompt: run the decoder once per run of identical consecutive prompt rows and the
             responses against that prompt's keys/values (same values and gradients as one forward
             over prompt + response, up to float rounding). It is used only when some rows repeat
-            and the model supports it (`prefix_sharing_supported`); otherwise, or with False, the
-            plain path runs one forward over prompt + response.
+            and the model supports it (`shared_prefix_unsupported`); otherwise, or with False, the
+            plain path runs one forward over prompt + response. A model that cannot take it is
+            reported to `forkrl.fast_paths` (one warning per run), never skipped silently.
 
     Returns:
         logprobs `[B, R]` and entropy `[B, R]` in float32, 0 at padding; differentiable w.r.t.
@@ -105,11 +98,13 @@ def _shared_prefix_hidden_states(
     path's single forward over `[B, P + R]`, so each response token sees the same keys, values and
     rotary positions.
     """
-    decoder = unwrap_peft(model).get_decoder()
-    if not prefix_sharing_supported(decoder):
-        return None
     first_rows, row_to_group = prompt_groups(prompt_ids, prompt_mask)
     if len(first_rows) == len(prompt_ids):  # all prompts distinct: nothing to share
+        return None
+    decoder = unwrap_peft(model).get_decoder()
+    reason = shared_prefix_unsupported(decoder)
+    if reason is not None:
+        fast_paths.declined(fast_paths.SHARED_PREFIX_SCORING, reason)
         return None
     prompt_len = prompt_ids.shape[1]
     attention_mask = torch.cat([prompt_mask, response_mask], dim=1)  # (B, P + R)
@@ -117,117 +112,101 @@ def _shared_prefix_hidden_states(
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
     num_layers = decoder.config.num_hidden_layers
 
-    with _cache_kept_under_checkpointing(decoder):
-        recorder = Cache(layer_class_to_replicate=_RecordingLayer)
+    with compat.cache_kept_under_checkpointing(decoder):
+        recorder = compat.new_cache(_RecordingLayer)
         out = decoder(
             input_ids=prompt_ids[first_rows],
             attention_mask=prompt_mask[first_rows],
             position_ids=position_ids[first_rows, :prompt_len],
-            past_key_values=recorder,
             use_cache=False,  # the cache is ours and passed explicitly; this only silences checkpointing's warning
+            **compat.cache_kwargs(decoder, recorder),
         )
-        if len(recorder.layers) != num_layers or not all(layer.is_initialized for layer in recorder.layers):
-            return None  # the model did not write its keys/values to the cache it was given
+        recorded = compat.cache_layers(recorder)
+        if len(recorded) != num_layers or not all(layer.is_initialized for layer in recorded):
+            fast_paths.declined(
+                fast_paths.SHARED_PREFIX_SCORING,
+                f"{type(decoder).__name__} did not write its keys/values to the cache it was given",
+            )
+            return None
         last_prompt_hidden = out.last_hidden_state[:, -1][row_to_group]  # (B, H), predicts response token 0
         if response_ids.shape[1] == 1:
+            fast_paths.used(fast_paths.SHARED_PREFIX_SCORING)
             return last_prompt_hidden.unsqueeze(1)
-        prefix = Cache(
-            layers=[
-                _SharedPrefixLayer(layer.keys[row_to_group], layer.values[row_to_group]) for layer in recorder.layers
-            ]
-        )
+        prefix_layers = [_SharedPrefixLayer(layer.keys[row_to_group], layer.values[row_to_group]) for layer in recorded]
         # Token R - 1 predicts nothing, so it is not run.
         out = decoder(
             input_ids=response_ids[:, :-1],
             attention_mask=attention_mask[:, :-1],
             position_ids=position_ids[:, prompt_len:-1],
-            past_key_values=prefix,
             use_cache=False,
+            **compat.cache_kwargs(decoder, compat.cache_of_layers(prefix_layers)),
         )
-        if not all(layer.was_read for layer in prefix.layers):
+        if not all(layer.was_read for layer in prefix_layers):
+            reason = f"{type(decoder).__name__} did not read the prompt's cached keys/values"
+            fast_paths.declined(fast_paths.SHARED_PREFIX_SCORING, reason)
             return None
+    fast_paths.used(fast_paths.SHARED_PREFIX_SCORING)
     return torch.cat([last_prompt_hidden.unsqueeze(1), out.last_hidden_state], dim=1)  # (B, R, H)
 
 
-def prefix_sharing_supported(decoder: torch.nn.Module) -> bool:
-    """Whether the shared-prefix path can run `decoder`; the plain path is used otherwise.
+def shared_prefix_unsupported(decoder: torch.nn.Module) -> str | None:
+    """Why the shared-prefix path (and the generation cache built on the same layers) cannot run
+    `decoder`, or None when it can.
 
-    It needs transformers' per-layer cache API (>= 5), a decoder whose `forward` takes
-    `past_key_values`, and only full-attention layers: sliding-window, linear-attention (SSM)
-    and KV-sharing layers keep other state than `[B, heads, L, d]` keys/values, which the two
-    cache layers below do not model. A model that ignores the cache it is handed is caught after
-    the fact (every layer must have written and read it) and scored with the plain path.
+    It needs transformers' per-layer cache API, a decoder whose `forward` takes a cache, and only
+    full-attention layers: sliding-window, linear-attention (SSM) and KV-sharing layers keep other
+    state than `[B, heads, L, d]` keys/values, which the cache layers below do not model. A model
+    that ignores the cache it is handed is caught after the fact (every layer must have written
+    and read it).
     """
-    if Cache is None or "past_key_values" not in inspect.signature(decoder.forward).parameters:
-        return False
+    missing = compat.cache_layers_missing()
+    if missing is not None:
+        return missing
+    if compat.cache_argument(decoder) is None:
+        names = " or ".join(compat.CACHE_ARGUMENTS)
+        return f"{type(decoder).__name__}.forward takes no cache argument ({names})"
     config = decoder.config
     layer_types = getattr(config, "layer_types", None) or ["full_attention"]
-    if any(t != "full_attention" for t in layer_types) or getattr(config, "kv_sharing_modes", None):
-        return False
+    other = sorted({t for t in layer_types if t != "full_attention"})
+    if other:
+        return f"the model has {', '.join(other)} layers (only full attention is supported)"
+    if getattr(config, "kv_sharing_modes", None):
+        return "the model shares keys/values across layers"
     if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
-        return False
-    # Under gradient checkpointing in training, transformers drops `past_key_values` unless the
-    # layer may keep it (`_can_checkpoint_with_cache`, transformers >= 5.x); without that switch
-    # the path cannot run there.
+        return "the model uses sliding-window attention"
+    # Under gradient checkpointing in training, transformers drops the cache unless the layer may
+    # keep it (`_can_checkpoint_with_cache`, transformers >= 5.15).
     checkpointing = decoder.training and getattr(decoder, "gradient_checkpointing", False)
-    return not checkpointing or hasattr(GradientCheckpointingLayer, "_can_checkpoint_with_cache")
+    if checkpointing and not compat.checkpointing_can_keep_cache():
+        return "gradient checkpointing drops the cache in this transformers (5.15+ can keep it)"
+    return None
 
 
-@contextlib.contextmanager
-def _cache_kept_under_checkpointing(decoder: torch.nn.Module) -> Iterator[None]:
-    """Let checkpointed layers keep the cache argument for the duration of the two passes.
+if compat.DynamicLayer is not None:
 
-    transformers drops `past_key_values` in checkpointed layers because a recomputation in backward
-    would append to a cache a second time. Both cache layers below are idempotent (the recorder
-    overwrites, the prefix layer never changes), which is the condition transformers documents for
-    `_can_checkpoint_with_cache`; the recomputation replays the same call with the same cache object.
-    """
-    name, missing = "_can_checkpoint_with_cache", object()
-    saved = [(m, m.__dict__.get(name, missing)) for m in decoder.modules() if isinstance(m, GradientCheckpointingLayer)]
-    for layer, _ in saved:
-        setattr(layer, name, True)  # an instance attribute shadows the class default
-    try:
-        yield
-    finally:
-        for layer, value in saved:
-            if value is missing:
-                delattr(layer, name)
-            else:
-                setattr(layer, name, value)
-
-
-if DynamicLayer is not None:
-
-    class _RecordingLayer(DynamicLayer):
+    class _RecordingLayer(compat.DynamicLayer):
         """Pass 1 (prompts): keep this layer's keys/values `[U, kv_heads, P, d]`; attend over them only.
 
         `update` overwrites instead of appending, so a gradient-checkpointing recomputation leaves
         the recorded tensors as they were (the recomputed copies are equal)."""
 
         def update(self, key_states, value_states, *args, **kwargs):
-            _hold(self, key_states, value_states)
+            compat.fill_layer(self, key_states, value_states)
             return key_states, value_states
 
-    class _SharedPrefixLayer(DynamicLayer):
+    class _SharedPrefixLayer(compat.DynamicLayer):
         """Pass 2 (responses): prepend the rows' prompt keys/values `[B, kv_heads, P, d]`, never grow.
 
         Read-only, so a gradient-checkpointing recomputation sees the same prefix."""
 
         def __init__(self, keys: torch.Tensor, values: torch.Tensor):
             super().__init__()
-            _hold(self, keys, values)
+            compat.fill_layer(self, keys, values)
             self.was_read = False
 
         def update(self, key_states, value_states, *args, **kwargs):
             self.was_read = True
             return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
-
-    def _hold(layer: DynamicLayer, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Set a layer's tensors and the attributes `lazy_initialization` would (its signature varies
-        across transformers 5.x releases)."""
-        layer.keys, layer.values = keys, values
-        layer.dtype, layer.device = keys.dtype, keys.device
-        layer.is_initialized = True
 
 
 class ResponseScorer(torch.nn.Module):

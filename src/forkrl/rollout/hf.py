@@ -30,8 +30,10 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from forkrl import fast_paths
+from forkrl.models import compat
 from forkrl.models.loading import unwrap_peft
-from forkrl.models.scoring import prefix_sharing_supported, prompt_groups
+from forkrl.models.scoring import prompt_groups, shared_prefix_unsupported
 from forkrl.rollout.base import Prompts, Rollout, SamplingParams
 from forkrl.rollout.entropy_temperature import EntropyAwareTemperature, entropy_of_logits
 from forkrl.rollout.kv_cache import growing_cache
@@ -148,11 +150,18 @@ class HFGenerationBackend:
         seeds = None if row_seeds is None else torch.tensor(row_seeds, dtype=torch.long, device=device)
         # generate continues from a cache holding a prefix of `input_ids` (it runs only the rest).
         # On full-attention decoders that cache appends in place (`kv_cache.GrowingLayer`); on others
-        # generate builds its own.
-        decoder = unwrap_peft(self.model).get_decoder()
-        cache = growing_cache() if prefix_sharing_supported(decoder) else None
-        if self.share_prompt and cache is not None:
-            cache = self._prefill_shared_prompts(prompt_ids, prompt_mask, cache)
+        # generate builds its own, and the paths built on our cache are reported as declined.
+        cache, reason = self._new_cache()
+        if cache is None:
+            fast_paths.declined(fast_paths.INPLACE_KV_CACHE, reason)
+            if self.decode_phase > 0:
+                fast_paths.declined(fast_paths.DECODE_PHASES, reason)
+        else:
+            fast_paths.used(fast_paths.INPLACE_KV_CACHE)
+            if self.decode_phase > 0:
+                fast_paths.used(fast_paths.DECODE_PHASES)
+        if self.share_prompt:
+            cache = self._prefill_shared_prompts(prompt_ids, prompt_mask, cache, reason)
         phase = self.decode_phase if cache is not None else 0
         eos = torch.tensor(self.eos_token_ids, device=device)
 
@@ -239,34 +248,53 @@ class HFGenerationBackend:
                 attention_mask=attention_mask,
                 generation_config=gen_config,
                 logits_processor=processors,
-                **({} if cache is None else {"past_key_values": cache}),
+                **compat.cache_kwargs(unwrap_peft(self.model), cache),
             )
         new = sequences[:, input_ids.shape[1] :]
         logprobs, entropy = recorder.finish(new)
         return new, logprobs, entropy
 
+    def _new_cache(self):
+        """`(cache, None)`: an empty in-place cache for `generate`, or `(None, reason)` where it cannot run."""
+        model = unwrap_peft(self.model)
+        reason = shared_prefix_unsupported(model.get_decoder())
+        if reason is None and compat.cache_argument(model) is None:
+            reason = f"{type(model).__name__}.forward takes no cache argument"
+        if reason is None and (cache := growing_cache()) is not None:
+            return cache, None
+        return None, reason or compat.cache_layers_missing() or "no in-place cache could be built"
+
     @torch.no_grad()
-    def _prefill_shared_prompts(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cache):
+    def _prefill_shared_prompts(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cache, no_cache_reason):
         """Fill the empty `cache` with every row's prompt but its last token `[B, P - 1]`, computed
-        once per run of identical rows; returns it unchanged (empty) when no row repeats, and
-        `generate` then prefills as usual. The last token stays uncached because `generate` needs
-        one new token per row to produce the first logits."""
-        decoder = unwrap_peft(self.model).get_decoder()
+        once per run of identical rows, and return it; return it unchanged (empty) when no row
+        repeats, and `generate` then prefills as usual. The last token stays uncached because
+        `generate` needs one new token per row to produce the first logits. With no cache
+        (`no_cache_reason`), repeated prompts are reported as a declined fast path."""
         if prompt_ids.shape[1] < 2:
             return cache
         first_rows, row_to_group = prompt_groups(prompt_ids, prompt_mask)
         if len(first_rows) == len(prompt_ids):
             return cache
+        if cache is None:
+            fast_paths.declined(fast_paths.SHARED_PROMPT_PREFILL, no_cache_reason)
+            return None
+        decoder = unwrap_peft(self.model).get_decoder()
         mask = prompt_mask[first_rows, :-1]  # (U, P - 1)
-        out = decoder(
+        decoder(
             input_ids=prompt_ids[first_rows, :-1],
             attention_mask=mask,
             position_ids=(mask.cumsum(-1) - 1).clamp_min(0),  # as `generate` computes them
-            past_key_values=cache,
             use_cache=True,
+            **compat.cache_kwargs(decoder, cache),
         )
-        cache = out.past_key_values
+        if cache.get_seq_length() != prompt_ids.shape[1] - 1:  # the decoder ignored the cache it was given
+            fast_paths.declined(
+                fast_paths.SHARED_PROMPT_PREFILL, f"{type(decoder).__name__} did not fill the cache it was given"
+            )
+            return growing_cache()
         cache.batch_select_indices(row_to_group)  # (U, ...) -> (B, ...)
+        fast_paths.used(fast_paths.SHARED_PROMPT_PREFILL)
         return cache
 
 

@@ -7,19 +7,16 @@ that copying was a quarter of generation time (5.3 s of 20.2 s, 2048 responses o
 slots, so a response costs O(L) copies in all; attention reads a view of the filled part, the same
 numbers in the same order as the concatenated tensor.
 
-Only for decoders whose layers are all plain full attention (`prefix_sharing_supported`): the
+Only for decoders whose layers are all plain full attention (`shared_prefix_unsupported`): the
 sliding-window and linear-attention layers of other models keep other state, and `generate` builds
-its own cache for them.
+its own cache for them (reported as a declined fast path).
 """
 
 from __future__ import annotations
 
 import torch
 
-try:  # transformers >= 5: per-layer cache objects
-    from transformers.cache_utils import Cache, DynamicLayer
-except ImportError:  # pragma: no cover - older transformers: generate's default cache is used
-    Cache = DynamicLayer = None
+from forkrl.models import compat
 
 MIN_CAPACITY = 64
 """Positions allocated at the first write (then doubled as needed)."""
@@ -27,14 +24,14 @@ MIN_CAPACITY = 64
 
 def growing_cache():
     """An empty cache whose layers are `GrowingLayer`s, or None where transformers lacks the API."""
-    if Cache is None:
+    if compat.cache_layers_missing() is not None:
         return None
-    return Cache(layer_class_to_replicate=GrowingLayer)
+    return compat.new_cache(GrowingLayer)
 
 
-if DynamicLayer is not None:
+if compat.DynamicLayer is not None:
 
-    class GrowingLayer(DynamicLayer):
+    class GrowingLayer(compat.DynamicLayer):
         """`DynamicLayer` with amortized O(1) appends: `keys`/`values` are views `[B, kv_heads, L, d]`
         of buffers with room for more positions along dim -2.
 

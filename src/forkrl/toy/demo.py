@@ -19,7 +19,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import transformers
 
+from forkrl import fast_paths
 from forkrl.config import config_from_dict
 from forkrl.io import atomic_write_json, atomic_write_text, pyplot, save_figure
 from forkrl.models.loading import load_policy
@@ -271,7 +273,9 @@ def run_demo(
         overrides,
     )
     model, tokenizer = load_policy(base, dtype="float32", device="cpu")
+    fast_paths.reset()
     before = measure(model, tokenizer, test_examples, eval_k, max_new_tokens, seed=seed + 1)
+    paths_before = fast_paths.status()  # the Trainer starts its own record
     print(f"base model: Acc@{eval_k} {before.acc_at_k:.1f}%, Len@{eval_k} {before.len_at_k:.1f}", flush=True)
     del model
 
@@ -297,6 +301,9 @@ def run_demo(
         # How the CPU was used (timings depend on it; see `forkrl.cli._omp_wait_policy`).
         "threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default (spin)"),
+        # Which speed-ups ran (`forkrl.fast_paths`); a declined one is also warned about in the log.
+        "fast_paths": fast_paths.combine(paths_before, fast_paths.status()),
+        "transformers": transformers.__version__,
     }
     atomic_write_json(out / "report.json", summary)
     atomic_write_text(out / "report.md", _report_md(summary, table, plots, eval_k, eval_problems))
@@ -316,6 +323,7 @@ def _report_md(s: dict, table: str, plots: list[str], k: int, n: int) -> str:
 
 Strategy `{s["strategy"]}` (ρ = {s["ratio"]}), {s["steps"]} steps, seed {s["seed"]}, {s["seconds"]:.0f} s on CPU
 ({s["threads"]} threads, OpenMP wait policy {s["omp_wait_policy"]}).
+Fast paths (transformers {s["transformers"]}): {fast_paths.summary_line(s["fast_paths"])}.
 Held-out set: {n} test-split problems, {k} samples each at T = 1.
 
 {table}

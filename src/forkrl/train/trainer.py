@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from forkrl import fast_paths
 from forkrl.algo.advantages import compute_advantages
 from forkrl.algo.losses import PolicyLossInput, compute_policy_loss, loss_denominators
 from forkrl.config import Config, dump_config, load_config
@@ -98,6 +99,7 @@ def init_distributed(device_pref: str) -> tuple[int, int, torch.device]:
 class Trainer:
     def __init__(self, cfg: Config, resume_from: str | os.PathLike | None = None):
         self.cfg = cfg
+        fast_paths.reset()  # this run's record of the fast paths it used or declined
         self.rank, self.world, self.device = init_distributed(cfg.trainer.device)
         self.is_main = self.rank == 0
         self.run_dir = Path(cfg.output_dir)
@@ -603,6 +605,7 @@ class Trainer:
                 metrics["skipped_no_informative_groups"] = 1.0
             if cfg.trainer.eval_every and cfg.data.eval_files and self.step % cfg.trainer.eval_every == 0:
                 metrics.update(self.evaluate())
+            metrics.update(fast_paths.step_flags())  # fast_path/<name>: 1 used, 0 declined (warned once)
             if self.logger is not None:
                 self.logger.log(self.step, metrics)
             progress.advance(self.step, metrics)
