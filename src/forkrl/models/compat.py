@@ -6,7 +6,7 @@ their own. They ask this module how, never `inspect` or private attributes thems
 transformers release that moves one of these things breaks one file, and the tests of
 `tests/models/test_compat.py` and `tests/test_fast_paths.py` say which.
 
-What it relies on, and since which transformers release (the suite runs on the floor 5.0.0 and on
+What it relies on, and since which transformers release (the suite runs on the floor 5.15.0 and on
 the locked version; see the README's "Tested versions"):
 
 - `cache_utils.Cache(layer_class_to_replicate=cls)` and `Cache(layers=[...])`: caches made of our
@@ -45,7 +45,7 @@ from packaging.version import Version
 TRANSFORMERS_VERSION = Version(transformers.__version__)
 """The installed transformers release."""
 
-MIN_TRANSFORMERS = Version("5.0")
+MIN_TRANSFORMERS = Version("5.15")
 """The oldest transformers release forkrl supports (the floor in `pyproject.toml`)."""
 
 CACHE_ARGUMENTS = ("cache", "past_key_values")
