@@ -1,8 +1,13 @@
-"""Atomic output files: a reader never sees half a JSON, PNG, parquet file or checkpoint pointer.
+"""Output files and directories: never half-written, never silently overwritten.
 
-Every output is written to a temporary file in the target's directory and renamed over the
-target (`os.replace` is atomic on POSIX and Windows within one filesystem), so a crashed or
+Every output file is written to a temporary file in the target's directory and renamed over
+the target (`os.replace` is atomic on POSIX and Windows within one filesystem), so a crashed or
 interrupted analysis leaves the previous result intact instead of a truncated one.
+
+An output *directory* that already holds files (an earlier `forkrl demo`, `eval --out` or
+`analyze ... --out`) is not written into: `fresh_output_dir` renames it to
+`NAME.old-YYYYmmdd-HHMMSS` first (kept, never deleted) and puts it back if the command fails
+before writing anything.
 """
 
 from __future__ import annotations
@@ -10,12 +15,25 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "atomic_write_json", "atomic_write_text", "pyplot", "save_figure", "umask_permissions"]
+__all__ = [
+    "atomic_path",
+    "atomic_write_json",
+    "atomic_write_text",
+    "fresh_output_dir",
+    "is_empty_dir",
+    "move_aside",
+    "pyplot",
+    "restore_aside",
+    "save_figure",
+    "umask_permissions",
+]
 
 
 @contextlib.contextmanager
@@ -80,6 +98,66 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def is_empty_dir(path: str | os.PathLike) -> bool:
+    """True when `path` does not exist or is a directory with no entries."""
+    path = Path(path)
+    return not path.exists() or (path.is_dir() and not any(path.iterdir()))
+
+
+def aside_name(path: str | os.PathLike) -> Path:
+    """`path.old-YYYYmmdd-HHMMSS` (with `-2`, `-3`, ... when taken): where `move_aside` puts it."""
+    path = Path(path)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    candidate = path.with_name(f"{path.name}.old-{stamp}")
+    n = 2
+    while candidate.exists():  # two moves within one second
+        candidate = path.with_name(f"{path.name}.old-{stamp}-{n}")
+        n += 1
+    return candidate
+
+
+def move_aside(path: str | os.PathLike) -> Path | None:
+    """Rename a non-empty directory (or a file) to `aside_name(path)`, kept, never deleted; return
+    the new name, or None when there was nothing to move (an empty directory is reused)."""
+    path = Path(path)
+    if is_empty_dir(path):
+        return None
+    aside = aside_name(path)
+    path.rename(aside)
+    return aside
+
+
+def restore_aside(aside: Path | None, path: str | os.PathLike) -> bool:
+    """Undo `move_aside` when nothing new was written to `path` (the command failed first)."""
+    path = Path(path)
+    if aside is None or not aside.exists() or not is_empty_dir(path):
+        return False
+    if path.exists():
+        path.rmdir()
+    aside.rename(path)
+    return True
+
+
+@contextlib.contextmanager
+def fresh_output_dir(path: str | os.PathLike | None) -> Iterator[Path | None]:
+    """Run a command that writes the directory `path` without touching what is already there:
+    a non-empty `path` is moved aside first (a note on stderr says where) and moved back if the
+    command raises before writing anything. Yields where the old contents went (None: nothing)."""
+    if path is None:
+        yield None
+        return
+    if Path(path).exists() and not Path(path).is_dir():
+        raise FileExistsError(f"output {os.fspath(path)!r} is a file, not a directory")
+    aside = move_aside(path)
+    if aside is not None:
+        print(f"note: {os.fspath(path)} already held results; moved them to {aside}", file=sys.stderr)
+    try:
+        yield aside
+    except BaseException:
+        restore_aside(aside, path)
+        raise
 
 
 def _finite(obj: Any) -> Any:

@@ -30,8 +30,17 @@ def test_classify_trace_tokens():
 
 def test_demo_two_steps(tmp_path):
     out = tmp_path / "demo"
+    # An earlier demo in OUT (issue 13: its metrics used to be mixed into the new report).
+    (out / "run").mkdir(parents=True)
+    (out / "run" / "metrics.jsonl").write_text('{"step": 1, "accuracy": 0.5}\n')
+    (out / "report.md").write_text("the earlier demo\n")
     result = CliRunner().invoke(app, ["demo", "--steps", "2", "--eval-problems", "16", "--out", str(out)])
     assert result.exit_code == 0, result.output
+    (earlier,) = tmp_path.glob("demo.old-*")  # kept whole, beside the new one
+    assert (earlier / "report.md").read_text() == "the earlier demo\n"
+    assert (earlier / "run" / "metrics.jsonl").read_text() == '{"step": 1, "accuracy": 0.5}\n'
+    steps = [json.loads(line)["step"] for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
     report = json.loads((out / "report.json").read_text())
     assert report["steps"] == 2 and 0.0 <= report["after"]["acc_at_k"] <= 100.0
     assert 0.0 < report["before"]["share_entropy_below_0_1"] < 1.0

@@ -111,24 +111,30 @@ class TestTrainTinyModel:
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
 
-    def test_failing_and_hanging_rewards_score_zero(self, tiny_model_dir, prompts_file, tmp_path):
-        for fn, counter in (("always_raises", "reward_errors"), ("hangs", "reward_timeouts")):
-            out = tmp_path / fn
-            overrides = tiny_overrides(
-                tiny_model_dir,
-                prompts_file,
-                str(out),
-                **{
-                    "reward.function": f"tests.train.reward_fns:{fn}",
-                    "reward.timeout_s": 0.2,
-                    "trainer.total_steps": 1,
-                    "rollout.max_sampling_rounds": 1,
-                },
-            )
-            metrics = run_training(None, overrides)
-            # every one of the 8 responses fell back to 0, and nothing was trained on
-            assert metrics[counter] == 8 and metrics["reward"] == 0.0
-            assert metrics["groups_trained"] == 0
+    @pytest.mark.parametrize(
+        ("fn", "shown"),
+        [
+            ("always_raises", "raised RuntimeError: broken reward"),
+            ("returns_nan", "returned nan, not a finite number"),
+            ("returns_text", "returned '1.0', not a finite number"),
+            ("hangs", "timed out after 0.2 s"),
+        ],
+    )
+    def test_broken_reward_stops_the_run_showing_one_failure(self, tiny_model_dir, prompts_file, tmp_path, fn, shown):
+        # Issue 13, defect 4: these used to score 0 silently, train on nothing and exit 0.
+        overrides = tiny_overrides(
+            tiny_model_dir,
+            prompts_file,
+            str(tmp_path / fn),
+            **{"reward.function": f"tests.train.reward_fns:{fn}", "reward.timeout_s": 0.2, "trainer.total_steps": 3},
+        )
+        with pytest.raises(TrainingStopped) as err:
+            run_training(None, overrides)
+        message = str(err.value)
+        # all 8 calls of step 1 failed, more than the default fraction 0.5; one of them is shown
+        assert "8 of 8 calls failed in step 1 (more than reward.max_failed_fraction = 0.5)" in message
+        assert shown in message and "\n" not in message
+        assert not (tmp_path / fn / "checkpoints").exists()
 
     def test_nan_loss_stops_after_consecutive_bad_steps(self, tiny_model_dir, prompts_file, tmp_path, monkeypatch):
         real = trainer_module.compute_policy_loss

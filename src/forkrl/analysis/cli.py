@@ -19,19 +19,21 @@ def _floats(text: str) -> list[float]:
 
 
 def _errors():
-    """Input errors the analyses raise, turned into a one-line message and exit code 2."""
+    """Input errors the analyses raise (a missing column is a KeyError), shown as one line, exit 2."""
     from forkrl.analysis.runs import RunError
-    from forkrl.tasks.data import PromptDataError
 
-    return (RunError, PromptDataError, FileNotFoundError, ValueError)
+    return (RunError, ValueError, KeyError)
 
 
-def _run(fn, *args, **kwargs) -> None:
-    try:
-        _report(fn(*args, **kwargs))
-    except _errors() as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from err
+def _run(fn, *args, fresh: str | None = None, **kwargs) -> None:
+    """Run one analysis; `fresh`: its output directory, moved aside (never overwritten) if it
+    already holds results, and put back if the analysis fails before writing."""
+    from forkrl.cli import user_errors
+    from forkrl.io import fresh_output_dir
+
+    with user_errors(*_errors()), fresh_output_dir(fresh):
+        summary = fn(*args, **kwargs)
+    _report(summary)
 
 
 @app.command(
@@ -74,6 +76,7 @@ def store(
         template=template,
         limit=limit,
         device=device,
+        fresh=out,
     )
 
 
@@ -106,7 +109,16 @@ def entropy(
     """Paper Fig. 2: histogram, percentiles, highest/lowest average-entropy tokens, word clouds, HTML."""
     from forkrl.analysis.entropy import run_entropy
 
-    _run(run_entropy, store_dir, out, column=column, min_count=min_count, top_n=top_n, num_responses=num_responses)
+    _run(
+        run_entropy,
+        store_dir,
+        out,
+        column=column,
+        min_count=min_count,
+        top_n=top_n,
+        num_responses=num_responses,
+        fresh=out,
+    )
 
 
 @app.command("temperature", epilog="Example: forkrl analyze temperature --model M --data aime24.jsonl --out t/")
@@ -145,6 +157,7 @@ def temperature(
         reward=reward,
         limit=limit,
         device=device,
+        fresh=out,
     )
 
 
@@ -160,7 +173,7 @@ def overlap(
     """Paper Table 1: overlap of the top-ρ entropy positions of each checkpoint with the first and the last."""
     from forkrl.analysis.overlap import run_overlap
 
-    _run(run_overlap, store_dir, out, columns=column or None, ratio=ratio)
+    _run(run_overlap, store_dir, out, columns=column or None, ratio=ratio, fresh=out)
 
 
 @app.command("shift", epilog="Example: forkrl analyze shift store/ --before entropy --after entropy_final --out s/")
@@ -174,7 +187,7 @@ def shift(
     """Paper Fig. 4: mean entropy change per entropy-percentile bucket of the first checkpoint."""
     from forkrl.analysis.shift import run_shift
 
-    _run(run_shift, store_dir, out, before=before, after=after, num_buckets=num_buckets)
+    _run(run_shift, store_dir, out, before=before, after=after, num_buckets=num_buckets, fresh=out)
 
 
 @app.command("evolution", epilog="Example: forkrl analyze evolution runs/qwen3_8b_forking --out e/")
@@ -185,7 +198,7 @@ def evolution(
     """Paper Fig. 5: entropy percentiles over training."""
     from forkrl.analysis.evolution import run_evolution
 
-    _run(run_evolution, source, out)
+    _run(run_evolution, source, out, fresh=out)
 
 
 @app.command("law", epilog="Example: forkrl analyze law runs/a runs/b --accuracy aime24 --out law/")
@@ -198,7 +211,7 @@ def law(
     """Paper 2: fit R = −a·e^H + b, report the ceiling b − a and the held-out error; covariance plots."""
     from forkrl.analysis.law import run_law
 
-    _run(run_law, run_dirs, out, accuracy_key=accuracy, fit_fraction=fit_fraction)
+    _run(run_law, run_dirs, out, accuracy_key=accuracy, fit_fraction=fit_fraction, fresh=out)
 
 
 @app.command("compare", epilog="Example: forkrl analyze compare runs/top20_s* runs/all_s* --out cmp/ --smooth 5")
@@ -211,4 +224,4 @@ def compare(
     """Paper Figs. 6–7 and Table 2: curves and an Acc@k/Len@k table across runs, mean ± s.e. over seeds."""
     from forkrl.analysis.compare import run_compare
 
-    _run(run_compare, run_dirs, out, smooth=smooth, accuracy_key=accuracy)
+    _run(run_compare, run_dirs, out, smooth=smooth, accuracy_key=accuracy, fresh=out)

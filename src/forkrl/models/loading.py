@@ -8,6 +8,7 @@ an RLVR step, and the loss only needs two numbers per token from them.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,9 +34,10 @@ def load_policy(
     """Load `(model, tokenizer)` for RL training and generation.
 
     Args:
-        name_or_path: a Hub id (``"Qwen/Qwen3-8B"``) or a local directory. Paths that look local
-            (absolute, ``./``, ``../``, ``~``) must exist; we fail early naming the path instead of
-            letting the Hub client report a confusing "repo id" error.
+        name_or_path: a Hub id (``"Qwen/Qwen3-8B"``) or a local directory. Anything that is not
+            an ``org/name`` Hub id must be an existing directory (`check_model_source`); we fail
+            early naming the path instead of letting the Hub client retry and report a confusing
+            "repo id" error.
         dtype: ``"auto"`` (the checkpoint's dtype), ``"float32"``, ``"bfloat16"`` or ``"float16"``.
         device: where to put the model; defaults to ``"cuda"`` when available, else ``"cpu"``.
         gradient_checkpointing: recompute activations in backward (non-reentrant) to save memory.
@@ -48,20 +50,11 @@ def load_policy(
     pad token, EOS is used as pad: that is safe here because rollouts carry an explicit
     `response_mask` and never infer validity from pad ids, and the first EOS stays in the mask.
     """
-    path_str = os.fspath(name_or_path)
-    if _looks_local(path_str) and not Path(path_str).expanduser().is_dir():
-        raise FileNotFoundError(f"model path {path_str!r} does not exist or is not a directory")
-    if _looks_local(path_str):
-        path_str = str(Path(path_str).expanduser())
+    path_str = check_model_source(name_or_path)
     if dtype != "auto" and dtype not in _DTYPES:
         raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {dtype!r}")
 
-    tokenizer = AutoTokenizer.from_pretrained(path_str, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ValueError(f"tokenizer of {path_str!r} has neither a pad nor an EOS token")
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
+    tokenizer = load_tokenizer(path_str, trust_remote_code=trust_remote_code)
 
     kwargs = {"dtype": "auto" if dtype == "auto" else _DTYPES[dtype]}
     if attn_implementation is not None:
@@ -78,6 +71,67 @@ def load_policy(
     if lora_rank > 0:
         model = _wrap_lora(model, lora_rank, lora_alpha, lora_target_modules, gradient_checkpointing)
     return model, tokenizer
+
+
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def check_model_source(name_or_path: str | os.PathLike) -> str:
+    """Check a model name before anything is loaded; return it (local paths expanded).
+
+    A name that looks like a path (absolute, ``./``, ``~``, several slashes), exists locally, or is
+    not of the Hub's ``org/name`` form must be a local directory: it is reported as missing and
+    never sent to the Hub (where a typo would retry for a minute before failing). A Hub id with
+    ``HF_HUB_OFFLINE=1`` must already be in the local cache. Raises FileNotFoundError.
+    """
+    path_str = os.fspath(name_or_path)
+    if not path_str:
+        raise FileNotFoundError("no model given (an empty name)")
+    if _looks_local(path_str) or not _HUB_ID.match(path_str):
+        path = Path(path_str).expanduser()
+        if not path.is_dir():
+            hint = "" if _looks_local(path_str) else " (nor a Hub id of the form org/name)"
+            raise FileNotFoundError(f"model path {path_str!r} does not exist or is not a directory{hint}")
+        return str(path)
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(path_str, "config.json"), str):
+            raise FileNotFoundError(
+                f"model {path_str!r}: not a local directory and not in the Hub cache, and HF_HUB_OFFLINE is set"
+            )
+    return path_str
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, left-padded, with a pad token (EOS when it has none; see `load_policy`).
+
+    A local directory without tokenizer files is an error naming it (transformers would build an
+    empty tokenizer that fails only at the first step, with "empty prompt").
+    """
+    path = Path(name_or_path)
+    if path.is_dir() and not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"model directory {str(path)!r} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)})"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if len(tokenizer) <= 1:
+        raise ValueError(f"tokenizer of {name_or_path!r} has {len(tokenizer)} token(s): not a usable tokenizer")
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer of {name_or_path!r} has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
 
 
 def get_lm_head(model: PreTrainedModel) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -4,7 +4,9 @@ A reward function is any callable `fn(completion: str, example: PromptExample) -
 Name one by a registered name ("math") or by import path, "package.module:function" or
 "path/to/file.py:function". `RewardComputer` scores a batch with it so that one bad item
 never stops a run: an exception, a non-numeric or non-finite return, or a call that
-overruns the time limit each scores 0 and is counted.
+overruns the time limit each scores 0 and is counted (the trainer stops a run when too many
+of a step's calls fail). Import-path rewards run in worker processes that are killed on
+timeout, so even a call stuck in C code cannot hang the run.
 
 A function that can do better on a whole batch (the math reward, which fans checks out to
 worker processes) also provides `score_batch(completions, examples, timeout_s) ->
@@ -16,6 +18,7 @@ reward before advantages are computed.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import logging
@@ -35,6 +38,7 @@ import torch
 
 from forkrl.tasks.data import PromptExample
 from forkrl.tasks.math import DEFAULT_TIMEOUT_S, MathVerifier, get_default_verifier
+from forkrl.tasks.workers import ProcessPool
 
 __all__ = [
     "REWARD_FUNCTIONS",
@@ -77,6 +81,13 @@ class RewardBatch:
     """Calls that overran the time limit."""
     num_invalid: int = 0
     """Calls that returned something other than a finite number."""
+    first_failure: str | None = None
+    """One line describing the first failed call (its exception, timeout or bad return), if any."""
+
+    @property
+    def num_failed(self) -> int:
+        """Calls that gave no score: errors, timeouts and invalid returns."""
+        return self.num_errors + self.num_timeouts + self.num_invalid
 
 
 # ---------------------------------------------------------------------------- built-ins
@@ -267,20 +278,54 @@ def _as_score(value: object) -> float | None:
     return score if math.isfinite(score) else None
 
 
+def _reward_worker_setup(spec: str, parent_sys_path: list[str]):
+    """Runs once in each reward worker process: import the reward and return a checked caller."""
+    # A fork server started earlier (or by another pool) does not see the parent's later
+    # sys.path changes; the reward's module must resolve exactly as in the parent.
+    sys.path[:0] = [p for p in parent_sys_path if p not in sys.path]
+    fn = load_reward_fn(spec)
+
+    def call(completion: str, example: PromptExample) -> tuple[float | None, str]:
+        value = fn(completion, example)
+        # Converted here: the raw value (a tensor, a custom object) may not survive pickling.
+        return _as_score(value), f"{value!r:.80}"
+
+    return call
+
+
+def _is_import_spec(spec: object) -> bool:
+    return isinstance(spec, str) and spec not in REWARD_FUNCTIONS and ":" in spec
+
+
+def _absolute_spec(spec: str) -> str:
+    """`file.py:fn` with the file made absolute (workers may run in another directory)."""
+    module_part, attr = spec.rsplit(":", 1)
+    if module_part.endswith(".py") or os.sep in module_part or "/" in module_part:
+        return f"{os.path.abspath(module_part)}:{attr}"
+    return spec
+
+
 class RewardComputer:
     """Scores batches with one reward function, so that no single item can stop the run.
 
     Per item: an exception, a non-finite or non-numeric return, or a call running past
-    `timeout_s` scores 0 and is counted in the returned `RewardBatch`. The first
+    `timeout_s` scores 0 and is counted in the returned `RewardBatch`, which also keeps one
+    failing call's description (`first_failure`) for the caller's error message. The first
     `max_logged_errors` problems are logged with their batch position and prompt index.
 
-    Plain functions run on `max_concurrency` persistent daemon threads (so they need not
-    be picklable). A timed-out call cannot be killed: its thread is written off, exits if
-    the call ever returns, and is replaced. The limit is wall-clock time from when a thread
-    takes the call; CPU-bound Python rewards share the GIL, so concurrency only speeds up
-    rewards that wait (I/O, subprocesses), and under it a slow call may be charged for
-    others' GIL time. Give rewards that can truly hang or crash the interpreter their own
-    process, as the math reward does.
+    Where the reward runs:
+
+    - a `"module:function"` / `"file.py:function"` spec: in `max_concurrency` worker
+      processes (`forkrl.tasks.workers.ProcessPool`, the mechanism behind the math reward). A
+      call that overruns `timeout_s` is killed with its process, even when it is stuck in C
+      code (a catastrophic regex), and the process is replaced; nothing keeps spinning. The
+      function and its module are imported in the parent first, so a bad spec fails at once.
+    - a batch reward (`score_batch`, e.g. "math"): handed the whole batch; it isolates itself.
+    - a Python callable or a name registered at runtime: on `max_concurrency` persistent
+      daemon threads (it need not be picklable). A timed-out call cannot be killed: its
+      thread is written off, exits if the call ever returns, and is replaced. CPU-bound
+      Python rewards share the GIL there, so give rewards that can truly hang an import
+      path, which runs them in processes.
     """
 
     def __init__(
@@ -290,8 +335,10 @@ class RewardComputer:
         max_concurrency: int = 4,
         max_logged_errors: int = 5,
     ):
-        if timeout_s <= 0 or max_concurrency < 1:
-            raise ValueError(f"need timeout_s > 0 and max_concurrency >= 1, got {timeout_s}, {max_concurrency}")
+        if not (timeout_s > 0 and math.isfinite(timeout_s)) or max_concurrency < 1:
+            raise ValueError(
+                f"need a finite timeout_s > 0 and max_concurrency >= 1, got {timeout_s}, {max_concurrency}"
+            )
         self.reward_fn = load_reward_fn(reward_fn)
         self.name = reward_fn if isinstance(reward_fn, str) else getattr(reward_fn, "__name__", repr(reward_fn))
         self.timeout_s = timeout_s
@@ -299,6 +346,11 @@ class RewardComputer:
         self.max_logged_errors = max_logged_errors
         self._logged = 0
         self._caller: _GuardedCaller | None = None  # threads start on the first plain-function batch
+        self._pool: ProcessPool | None = None
+        if _is_import_spec(reward_fn):
+            setup = functools.partial(_reward_worker_setup, _absolute_spec(reward_fn), [os.getcwd(), *sys.path])
+            workers = min(max_concurrency, os.cpu_count() or 1)
+            self._pool = ProcessPool(setup, workers, name="forkrl-reward")
 
     def __call__(self, completions: Sequence[str], examples: Sequence[PromptExample]) -> RewardBatch:
         """Score `completions[i]` as a response to `examples[i]`."""
@@ -306,30 +358,48 @@ class RewardComputer:
             raise ValueError(f"{len(completions)} completions but {len(examples)} examples")
         if isinstance(self.reward_fn, BatchRewardFn):
             return self.reward_fn.score_batch(completions, examples, self.timeout_s)
-
-        if self._caller is None:
-            self._caller = _GuardedCaller(self.max_concurrency)
-        outcomes = self._caller.run(self.reward_fn, list(zip(completions, examples)), self.timeout_s)
+        calls = list(zip(completions, examples))
+        if self._pool is not None:
+            outcomes = self._pool.run(calls, self.timeout_s)
+            # The worker already turned the return value into (score or None, its repr).
+            outcomes = [(_OK, value) if kind == _OK else (kind, value) for kind, value in outcomes]
+            checked = True
+        else:
+            if self._caller is None:
+                self._caller = _GuardedCaller(self.max_concurrency)
+            outcomes = self._caller.run(self.reward_fn, calls, self.timeout_s)
+            checked = False
         batch = RewardBatch(scores=[0.0] * len(completions))
         for i, (kind, value) in enumerate(outcomes):
             if kind == _TIMEOUT:
                 batch.num_timeouts += 1
-                self._log(i, examples[i], f"timed out after {self.timeout_s:g} s")
+                self._failed(batch, i, examples[i], f"timed out after {self.timeout_s:g} s")
             elif kind == _ERROR:
                 batch.num_errors += 1
-                self._log(i, examples[i], f"raised:\n{value}")
-            elif (score := _as_score(value)) is None:
-                batch.num_invalid += 1
-                self._log(i, examples[i], f"returned {value!r:.80}, not a finite number")
+                self._failed(batch, i, examples[i], f"raised:\n{value}")
             else:
-                batch.scores[i] = score
+                score, shown = value if checked else (_as_score(value), f"{value!r:.80}")
+                if score is None:
+                    batch.num_invalid += 1
+                    self._failed(batch, i, examples[i], f"returned {shown}, not a finite number")
+                else:
+                    batch.scores[i] = score
         return batch
 
     def close(self) -> None:
-        """Release the worker threads (idle ones exit now; a stuck one when its call returns)."""
+        """Release the workers: processes are killed; idle threads exit now, a stuck one when its call returns."""
         if self._caller is not None:
             self._caller.close()
             self._caller = None
+        if self._pool is not None:
+            self._pool.close()
+
+    def _failed(self, batch: RewardBatch, position: int, example: PromptExample, what: str) -> None:
+        if batch.first_failure is None:
+            # One line, for an error message: of a traceback, its last line (the exception).
+            short = f"raised {what.strip().splitlines()[-1]}" if what.startswith("raised:") else what
+            batch.first_failure = f"batch item {position} (prompt index {example.index}) {short}"
+        self._log(position, example, what)
 
     def _log(self, position: int, example: PromptExample, what: str) -> None:
         if self._logged >= self.max_logged_errors:

@@ -4,16 +4,26 @@ Layout of `RUN_DIR/checkpoints/step_000042/`: the model in `save_pretrained` for
 (safetensors, loadable by `AutoModelForCausalLM.from_pretrained`), its tokenizer, and
 `trainer_state.pt` with optimizer, scheduler, RNG states and the data position. Everything is
 written into a temporary sibling directory first and renamed into place, so a run killed
-mid-checkpoint (even by SIGKILL) leaves the previous checkpoint intact; the stale temporary
-directory is removed by the next save.
+mid-checkpoint (even by SIGKILL) leaves the previous checkpoint intact. Temporary directories
+are named after their host and process (`.tmp-step_000042-HOST-PID`); a save removes only its
+own and those of processes on this host that no longer exist, never another live process's.
+
+Before a run resumes from a checkpoint it is validated (`read_checkpoint`, `check_shapes`):
+every safetensors header is read and checked against the file's size (a truncated file is
+caught without reading the weights), `trainer_state.pt` must load and hold every part, and the
+tensor shapes must match the model. `select_checkpoint` falls back from a corrupt newest
+checkpoint to the previous one, with a warning naming the corrupt path.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
 import shutil
+import socket
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +32,12 @@ import numpy as np
 import torch
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_TMP_DIR = re.compile(r"^\.tmp-(?:replaced-)?step_\d+-(?P<host>.+)-(?P<pid>\d+)$")
+_TRAINER_STATE_KEYS = ("step", "optimizer", "scheduler", "rng", "trainer")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from; the message names the file and what is wrong."""
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -56,6 +72,14 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def step_of(checkpoint: str | os.PathLike) -> int:
+    """The step number of a `step_N` checkpoint directory."""
+    match = _STEP_DIR.match(Path(checkpoint).name)
+    if match is None:
+        raise ValueError(f"{checkpoint} is not a step_N checkpoint directory")
+    return int(match.group(1))
+
+
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     checkpoints = list_checkpoints(run_dir)
     return checkpoints[-1] if checkpoints else None
@@ -84,9 +108,9 @@ def save_checkpoint(
     final = checkpoint_dir(run_dir, step)
     root = final.parent
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-*"):  # left by a run killed mid-save
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    _remove_abandoned_tmp_dirs(root)
+    tag = f"{socket.gethostname()}-{os.getpid()}"
+    tmp = root / f".tmp-{final.name}-{tag}"
     model.save_pretrained(tmp, safe_serialization=True, state_dict=model_state)
     tokenizer.save_pretrained(tmp)
     if extra is not None:
@@ -103,7 +127,7 @@ def save_checkpoint(
     )
     _fsync_dir(tmp)
     if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
-        old = root / f".tmp-replaced-{final.name}-{os.getpid()}"
+        old = root / f".tmp-replaced-{final.name}-{tag}"
         final.rename(old)
         tmp.rename(final)
         shutil.rmtree(old, ignore_errors=True)
@@ -115,12 +139,137 @@ def save_checkpoint(
     return final
 
 
+def _remove_abandoned_tmp_dirs(root: Path) -> None:
+    """Remove temporary directories of this process and of dead processes on this host (left by a
+    run killed mid-save). Another live process's, or another host's, are never touched."""
+    host = socket.gethostname()
+    for tmp in root.glob(".tmp-*"):
+        match = _TMP_DIR.match(tmp.name)
+        if match is None or match["host"] != host:
+            continue
+        pid = int(match["pid"])
+        if pid == os.getpid() or not _process_exists(pid):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 def load_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
     """The non-model part of a checkpoint (optimizer, scheduler, RNG, trainer state)."""
     file = Path(path) / "trainer_state.pt"
     if not file.is_file():
         raise FileNotFoundError(f"{path} is not a forkrl checkpoint: {file.name} is missing")
     return torch.load(file, map_location="cpu", weights_only=False)
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def safetensors_shapes(file: str | os.PathLike) -> dict[str, list[int]]:
+    """Tensor name -> shape from a safetensors header, after checking the file holds all the data
+    the header describes (so a truncated file fails here, naming itself, not deep in a load)."""
+    file = Path(file)
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        prefix = f.read(8)
+        header_len = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if header_len < 2 or 8 + header_len > size:
+            raise CheckpointError(f"{file}: not a complete safetensors file ({size} bytes, header cut short)")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"{file}: safetensors header is not valid JSON ({err})") from None
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    try:
+        end = max((v["data_offsets"][1] for v in tensors.values()), default=0)
+        shapes = {k: list(v["shape"]) for k, v in tensors.items()}
+    except (TypeError, KeyError, IndexError):
+        raise CheckpointError(f"{file}: safetensors header lacks shapes or offsets") from None
+    if 8 + header_len + end > size:
+        raise CheckpointError(
+            f"{file}: truncated ({size} bytes; its header describes {8 + header_len + end} bytes of tensors)"
+        )
+    return shapes
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, list[int]]]:
+    """Validate checkpoint `path` without the model: every safetensors header against its file,
+    and `trainer_state.pt` loading with every part. Returns (trainer state, tensor shapes by name)."""
+    path = Path(path)
+    adapter = path / "adapter" / "adapter_model.safetensors"
+    files = sorted(path.glob("*.safetensors")) + ([adapter] if adapter.is_file() else [])
+    if not files:
+        raise CheckpointError(f"{path}: no model weights (*.safetensors)")
+    shapes: dict[str, list[int]] = {}
+    for file in files:
+        shapes.update(safetensors_shapes(file))
+    state_file = path / "trainer_state.pt"
+    if not state_file.is_file():
+        raise CheckpointError(f"{state_file}: missing")
+    try:
+        state = torch.load(state_file, map_location="cpu", weights_only=False)
+    except Exception as err:  # a cut-short zip, a pickle error: the file is unusable either way
+        raise CheckpointError(f"{state_file}: cannot be loaded ({type(err).__name__}: {err})") from None
+    missing = [k for k in _TRAINER_STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{state_file}: lacks {', '.join(missing)}")
+    return state, shapes
+
+
+def check_shapes(path: str | os.PathLike, shapes: dict[str, list[int]], expected: dict[str, torch.Size]) -> None:
+    """Raise `CheckpointError` when a checkpoint tensor's shape differs from the model's."""
+    wrong = [f"{k} {shapes[k]} vs {list(v)}" for k, v in expected.items() if k in shapes and list(v) != shapes[k]]
+    if wrong:
+        more = f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""
+        raise CheckpointError(
+            f"{path}: tensor shapes do not match the model (checkpoint vs model: {'; '.join(wrong[:3])}{more})"
+        )
+
+
+def parse_resume_target(target: str | os.PathLike) -> tuple[Path, Path | None]:
+    """`--resume RUN_DIR` or `--resume RUN_DIR/checkpoints/step_N`: (run dir, the chosen step or None)."""
+    target = Path(target)
+    if _STEP_DIR.match(target.name) and target.parent.name == "checkpoints":
+        return target.parent.parent, target
+    return target, None
+
+
+def select_checkpoint(run_dir: str | os.PathLike, step_dir: Path | None = None):
+    """The checkpoint to resume from, validated: `step_dir` when given (no fallback: it was asked
+    for), else the newest valid one of `run_dir`, warning about each corrupt newer one.
+    Returns (path, trainer state, tensor shapes); raises `CheckpointError`."""
+    if step_dir is not None:
+        if not step_dir.is_dir():
+            raise CheckpointError(f"--resume {step_dir}: no such checkpoint")
+        return (step_dir, *read_checkpoint(step_dir))
+    candidates = list_checkpoints(run_dir)
+    if not candidates:
+        raise CheckpointError(f"--resume {run_dir}: no checkpoint found under {Path(run_dir) / 'checkpoints'}")
+    problems = []
+    for path in reversed(candidates):
+        try:
+            state, shapes = read_checkpoint(path)
+        except CheckpointError as err:
+            problems.append(str(err))
+            continue
+        if problems:
+            print(f"warning: corrupt checkpoint skipped: {'; '.join(problems)}; resuming from {path}", file=sys.stderr)
+        return path, state, shapes
+    raise CheckpointError(f"--resume {run_dir}: every checkpoint is corrupt: {'; '.join(problems)}")
+
+
+def all_finite(tensors) -> bool:
+    """Whether every tensor is free of NaN/inf (local shards of DTensors; one host sync)."""
+    flags = [torch.isfinite(t.to_local() if hasattr(t, "to_local") else t).all() for t in tensors]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 def _fsync_dir(path: Path) -> None:

@@ -11,21 +11,30 @@ from typing import Any
 from forkrl.io import atomic_write_text
 
 
-def truncate_jsonl_after_step(path: str | os.PathLike, step: int) -> None:
-    """Drop records with `step` > `step` (written after the checkpoint a run resumes from)."""
+def split_jsonl_after_step(path: str | os.PathLike, step: int) -> list[str]:
+    """Keep the records with `step` <= `step` in `path` and return the later ones' lines (written
+    after the checkpoint a run resumes from), so the caller can keep them elsewhere. A line cut
+    short by a kill is dropped from the file and returned too."""
     path = Path(path)
     if not path.is_file():
-        return
-    kept = []
+        return []
+    kept, later = [], []
     with open(path, encoding="utf-8") as f:
         for line in f:
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a kill
+            except json.JSONDecodeError:
+                later.append(line if line.endswith("\n") else line + "\n")
                 continue
-            if record.get("step", 0) <= step:
-                kept.append(json.dumps(record))
-    atomic_write_text(path, "".join(k + "\n" for k in kept))
+            (kept if record.get("step", 0) <= step else later).append(line if line.endswith("\n") else line + "\n")
+    if later:
+        atomic_write_text(path, "".join(kept))
+    return later
+
+
+def truncate_jsonl_after_step(path: str | os.PathLike, step: int) -> None:
+    """Drop records with `step` > `step` (see `split_jsonl_after_step`, which returns them)."""
+    split_jsonl_after_step(path, step)
 
 
 def _clean(value: Any) -> Any:

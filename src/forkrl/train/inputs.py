@@ -1,0 +1,103 @@
+"""The training inputs a run checks before its model loads: tokenizer, prompts and reward.
+
+Loading an 8B model takes minutes; a typo in a data file, a template or a reward spec should
+not wait for it. Each function here turns what goes wrong into a `ConfigError` naming the key
+(or a `PromptDataError` naming the file and row), which `forkrl train` prints as one line.
+"""
+
+from __future__ import annotations
+
+from forkrl.config import Config, ConfigError
+from forkrl.models.loading import check_model_source, load_tokenizer
+from forkrl.tasks.data import PromptDataError, PromptExample, load_prompts
+from forkrl.tasks.rewards import RewardComputer
+
+__all__ = ["checked_tokenizer", "load_training_examples", "make_rewarder", "prompt_token_limit"]
+
+
+def checked_tokenizer(cfg: Config):
+    """The policy's tokenizer; a missing local path or a directory without a tokenizer is an error."""
+    name = cfg.model.name
+    try:
+        return load_tokenizer(check_model_source(name), trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as err:  # OSError: what transformers raises for a missing Hub repo
+        raise ConfigError(f"model.name = {name!r}: {err}") from err
+
+
+def prompt_token_limit(cfg: Config) -> int | None:
+    """`data.max_prompt_tokens`, or by default the model's maximum positions minus
+    `rollout.max_new_tokens` (None when the model declares no maximum)."""
+    if cfg.data.max_prompt_tokens is not None:
+        return cfg.data.max_prompt_tokens
+    from transformers import AutoConfig
+
+    try:
+        model_cfg = AutoConfig.from_pretrained(
+            check_model_source(cfg.model.name), trust_remote_code=cfg.model.trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.name = {cfg.model.name!r}: cannot read its config ({err})") from err
+    model_cfg = getattr(model_cfg, "text_config", None) or model_cfg  # multimodal configs nest it
+    positions = getattr(model_cfg, "max_position_embeddings", None) or getattr(model_cfg, "n_positions", None)
+    if not positions:
+        return None
+    limit = positions - cfg.rollout.max_new_tokens
+    if limit < 1:
+        raise ConfigError(
+            f"rollout.max_new_tokens = {cfg.rollout.max_new_tokens}: expected fewer than the model's "
+            f"{positions} positions (room is needed for the prompt)"
+        )
+    return limit
+
+
+def load_training_examples(cfg: Config, tokenizer) -> list[PromptExample]:
+    """Every training prompt, rendered, cut to `data.max_prompts`, without the over-long ones
+    (counted in the log); raises when none is left."""
+    d = cfg.data
+    examples: list[PromptExample] = []
+    for i, source in enumerate(d.train_files):
+        try:
+            examples += load_prompts(source, d.question_key, d.answer_key, template=d.template, tokenizer=tokenizer)
+        except PromptDataError:
+            raise
+        except (ValueError, TypeError) as err:  # the template (render_prompt) or the chat template
+            raise ConfigError(f"data.template = {d.template!r} (rendering {source}): {err}") from err
+        except OSError as err:
+            raise ConfigError(f"data.train_files[{i}] = {source!r}: {err}") from err
+    if d.max_prompts:
+        examples = examples[: d.max_prompts]
+    if not examples:
+        raise ConfigError(f"data.train_files = {d.train_files}: no training prompts")
+    limit = prompt_token_limit(cfg)
+    if limit is not None:
+        # One batched tokenizer call (fast tokenizers run it in Rust over all prompts).
+        lengths = [len(ids) for ids in tokenizer([ex.prompt for ex in examples], add_special_tokens=False)["input_ids"]]
+        kept = [ex for ex, n in zip(examples, lengths) if n <= limit]
+        if len(kept) < len(examples):
+            print(
+                f"data: left out {len(examples) - len(kept)} of {len(examples)} prompts longer than {limit} tokens "
+                "(data.max_prompt_tokens)",
+                flush=True,
+            )
+        if not kept:
+            raise ConfigError(
+                f"data.max_prompt_tokens: every prompt is longer than {limit} tokens "
+                f"(shortest {min(lengths)}); raise it or lower rollout.max_new_tokens"
+            )
+        examples = kept
+    for i, ex in enumerate(examples):
+        ex.index = i
+    return examples
+
+
+def make_rewarder(cfg: Config) -> RewardComputer:
+    """The run's reward, imported now so a bad spec fails before the model loads."""
+    spec = cfg.reward.function
+    try:
+        return RewardComputer(spec, timeout_s=cfg.reward.timeout_s)
+    except Exception as err:  # a missing module, or the user's module raising while it imports
+        if isinstance(err, ValueError):
+            detail = str(err).removeprefix(f"reward {spec!r}: ")
+        else:
+            detail = f"importing it raised {type(err).__name__}: {err}"
+        raise ConfigError(f"reward.function = {spec!r}: {detail}") from err
