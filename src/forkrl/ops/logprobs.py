@@ -24,6 +24,18 @@ z = logits / T, p = softmax(z) and H the entropy (derivation in `_backward_rows`
 
 and ∂/∂logits = (∂/∂z) / T. Gradients flow through both outputs, so an entropy bonus
 (or penalty) can be added to the loss.
+
+With `return_grad_norm=True` both paths also return, without gradient, the norm of the sampled
+token's log-prob gradient with respect to the raw logits (the `gradient` selection strategy,
+after GMTS): with e_y the one-hot of the target,
+
+    ‖∂ log p_y / ∂logits‖₂ = ‖e_y − p‖₂ / T = √((1 − p_y)² + Σ_{j≠y} p_j²) / T
+                           = √(1 − 2 p_y + Σ_j p_j²) / T
+
+two more row reductions (Σ_{j≠y} p_j and Σ_{j≠y} p_j²) in the same tile loop. The first form is
+the one computed, with 1 − p_y = Σ_{j≠y} p_j: both terms are sums of non-negative numbers, so
+nothing cancels when p_y ≈ 1, where 1 − 2p_y + Σp² (or 1 − exp(log p_y)) loses every digit in
+float32.
 """
 
 from __future__ import annotations
@@ -99,27 +111,41 @@ def _tile_log_probs(logits: torch.Tensor, temperature: float, dtype: torch.dtype
 
 
 def _forward_rows(
-    logits: torch.Tensor, targets: torch.Tensor, temperature: float, tile_rows: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float, tile_rows: int, with_grad_norm: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-row target log-prob and entropy of `[R, V]` logits (any dtype; left untouched).
 
     Each tile of `tile_rows` rows is upcast on its own, so at most one float32 tile
     (plus its temporaries) is alive at a time.
 
     Returns:
-        logprobs `[R]` and entropy `[R]` in the compute dtype.
+        logprobs `[R]`, entropy `[R]` and, with `with_grad_norm`, ‖∂ log p_y/∂logits‖₂ `[R]`
+        (module docstring; else None), all in the compute dtype.
     """
     dtype = _compute_dtype(logits.dtype)
     logprobs = logits.new_empty(logits.shape[0], dtype=dtype)
     entropy = logits.new_empty(logits.shape[0], dtype=dtype)
+    grad_norm = logits.new_empty(logits.shape[0], dtype=dtype) if with_grad_norm else None
     for rows in _row_slices(logits.shape[0], tile_rows):
         logp = _tile_log_probs(logits[rows], temperature, dtype)  # (t, V)
-        logprobs[rows] = logp.gather(-1, targets[rows].unsqueeze(-1)).squeeze(-1)
+        target = targets[rows].unsqueeze(-1)  # (t, 1)
+        logprobs[rows] = logp.gather(-1, target).squeeze(-1)
         logp.clamp_min_(_LOGP_FLOOR)
+        p = logp.exp()  # (t, V)
+        if grad_norm is not None:
+            # Zero the target's entry, reduce the others, put it back: 1 − p_y = Σ_{j≠y} p_j
+            # (exact where p_y ≈ 1, unlike 1 − exp(log p_y), whose log-softmax has already
+            # rounded to 0) and √Σ_{j≠y} p_j².
+            p_target = p.gather(-1, target)  # (t, 1)
+            p.scatter_(-1, target, 0.0)
+            one_minus_p = p.sum(-1)  # (t,)
+            others = torch.linalg.vector_norm(p, dim=-1)  # (t,)
+            p.scatter_(-1, target, p_target)
+            grad_norm[rows] = torch.hypot(one_minus_p, others).div_(temperature)
         # -Σ p log p; torch.sum's cascaded summation is tens of times more accurate here
         # than a dot product (einsum/bmm) accumulating 10^5 float32 terms one by one.
-        entropy[rows] = logp.exp().mul_(logp).sum(-1).neg_()
-    return logprobs, entropy
+        entropy[rows] = p.mul_(logp).sum(-1).neg_()
+    return logprobs, entropy, grad_norm
 
 
 def _backward_rows(
@@ -182,19 +208,22 @@ class _ChunkedLogprobsEntropy(torch.autograd.Function):
     """Autograd Function over `[R, V]` logits; saves only the logits and `[R]` entropies."""
 
     @staticmethod
-    def forward(ctx, logits, targets, temperature, chunk_rows):
-        logprobs, entropy = _forward_rows(logits, targets, temperature, chunk_rows)
+    def forward(ctx, logits, targets, temperature, chunk_rows, with_grad_norm):
+        logprobs, entropy, grad_norm = _forward_rows(logits, targets, temperature, chunk_rows, with_grad_norm)
         ctx.save_for_backward(logits, targets, entropy)
         ctx.temperature, ctx.chunk_rows = temperature, chunk_rows
         # An unused output gets None instead of a zero tensor, so its term can be skipped.
         ctx.set_materialize_grads(False)
-        return logprobs, entropy
+        if grad_norm is None:  # an empty placeholder: autograd Functions return a fixed arity
+            grad_norm = logprobs.new_empty(0)
+        ctx.mark_non_differentiable(grad_norm)
+        return logprobs, entropy, grad_norm
 
     @staticmethod
     @once_differentiable  # the hand-written backward is not itself differentiable
-    def backward(ctx, grad_logprobs, grad_entropy):
+    def backward(ctx, grad_logprobs, grad_entropy, _grad_norm):
         if grad_logprobs is None and grad_entropy is None:
-            return None, None, None, None
+            return None, None, None, None, None
         logits, targets, entropy = ctx.saved_tensors
         grad_logits = _backward_rows(
             logits,
@@ -206,7 +235,7 @@ class _ChunkedLogprobsEntropy(torch.autograd.Function):
             ctx.chunk_rows,
             out=torch.empty_like(logits),
         )
-        return grad_logits, None, None, None
+        return grad_logits, None, None, None, None
 
 
 def token_logprobs_and_entropy(
@@ -214,7 +243,8 @@ def token_logprobs_and_entropy(
     targets: torch.Tensor,
     temperature: float = 1.0,
     chunk_size: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_grad_norm: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Log-prob of each target token and entropy of each distribution, from logits.
 
     Rows are upcast and reduced `chunk_size` at a time, so neither forward nor backward
@@ -227,10 +257,11 @@ def token_logprobs_and_entropy(
         targets: `[...]` int64 token ids in `[0, V)` (replace padding ids before calling).
         temperature: T in p = softmax(logits / T); use the sampling temperature.
         chunk_size: rows per chunk; default `default_chunk_rows(V, logits.device)`.
+        return_grad_norm: also return ‖∂ log p_y/∂logits‖₂ `[...]` (module docstring), no grad.
 
     Returns:
         logprobs `[...]` and entropy `[...]`, float64 for float64 logits, else float32.
-        Both are differentiable w.r.t. `logits`.
+        Both are differentiable w.r.t. `logits`. With `return_grad_norm`, a third tensor.
     """
     if logits.shape[:-1] != targets.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} disagree")
@@ -243,9 +274,15 @@ def token_logprobs_and_entropy(
     flat_logits = logits.reshape(-1, vocab_size)  # (R, V)
     flat_targets = targets.reshape(-1)  # (R,)
     if torch.is_grad_enabled() and logits.requires_grad:
-        logprobs, entropy = _ChunkedLogprobsEntropy.apply(flat_logits, flat_targets, temperature, chunk_rows)
+        logprobs, entropy, grad_norm = _ChunkedLogprobsEntropy.apply(
+            flat_logits, flat_targets, temperature, chunk_rows, return_grad_norm
+        )
     else:
-        logprobs, entropy = _forward_rows(flat_logits, flat_targets, temperature, chunk_rows)
+        logprobs, entropy, grad_norm = _forward_rows(
+            flat_logits, flat_targets, temperature, chunk_rows, return_grad_norm
+        )
+    if return_grad_norm:
+        return logprobs.view(targets.shape), entropy.view(targets.shape), grad_norm.view(targets.shape)
     return logprobs.view(targets.shape), entropy.view(targets.shape)
 
 
@@ -260,27 +297,33 @@ class _FusedLinearLogprobsEntropy(torch.autograd.Function):
     """Autograd Function from hidden states; logits exist one `[chunk, V]` block at a time."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_rows, tile_rows):
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_rows, tile_rows, with_grad_norm):
         dtype = _compute_dtype(hidden.dtype)
         num_rows = hidden.shape[0]
         logprobs = hidden.new_empty(num_rows, dtype=dtype)
         entropy = hidden.new_empty(num_rows, dtype=dtype)
+        # (N,) when asked for, else an empty placeholder (autograd Functions return a fixed arity)
+        grad_norm = hidden.new_empty(num_rows if with_grad_norm else 0, dtype=dtype)
         for rows in _row_slices(num_rows, chunk_rows):
             logits = _project(hidden[rows], weight, bias)  # (c, V)
-            logprobs[rows], entropy[rows] = _forward_rows(logits, targets[rows], temperature, tile_rows)
+            lp, ent, gn = _forward_rows(logits, targets[rows], temperature, tile_rows, with_grad_norm)
+            logprobs[rows], entropy[rows] = lp, ent
+            if gn is not None:
+                grad_norm[rows] = gn
             # Free the block now: otherwise it stays referenced while the next one is
             # computed and two blocks are alive at the peak.
             del logits
         ctx.save_for_backward(hidden, weight, bias, targets, entropy)
         ctx.temperature, ctx.chunk_rows, ctx.tile_rows = temperature, chunk_rows, tile_rows
         ctx.set_materialize_grads(False)
-        return logprobs, entropy
+        ctx.mark_non_differentiable(grad_norm)
+        return logprobs, entropy, grad_norm
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_logprobs, grad_entropy):
+    def backward(ctx, grad_logprobs, grad_entropy, _grad_norm):
         if grad_logprobs is None and grad_entropy is None:
-            return (None,) * 7
+            return (None,) * 8
         hidden, weight, bias, targets, entropy = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         acc_dtype = entropy.dtype
@@ -316,7 +359,7 @@ class _FusedLinearLogprobsEntropy(torch.autograd.Function):
             grad_weight = grad_weight.to(weight.dtype)
         if need_bias:
             grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
 
 def fused_linear_logprobs_and_entropy(
@@ -326,7 +369,8 @@ def fused_linear_logprobs_and_entropy(
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     chunk_size: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_grad_norm: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Log-probs and entropies straight from the last hidden states, never forming logits.
 
     Equivalent to `token_logprobs_and_entropy(hidden @ weight.T + bias, targets, T)`, but
@@ -347,10 +391,12 @@ def fused_linear_logprobs_and_entropy(
         bias: optional `[V]` LM-head bias.
         temperature: T in p = softmax(logits / T).
         chunk_size: rows per LM-head matmul; default `default_chunk_rows(V, fused=True)`.
+        return_grad_norm: also return ‖∂ log p_y/∂logits‖₂ `[...]` (module docstring), without
+            gradient: one more reduction per tile, no `[N, V]` tensor.
 
     Returns:
         logprobs `[...]` and entropy `[...]`, float64 for float64 inputs, else float32;
-        differentiable w.r.t. `hidden`, `weight` and `bias`.
+        differentiable w.r.t. `hidden`, `weight` and `bias`. With `return_grad_norm`, a third tensor.
     """
     if hidden.shape[:-1] != targets.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} disagree")
@@ -368,9 +414,11 @@ def fused_linear_logprobs_and_entropy(
     tile_rows = min(chunk_rows, default_chunk_rows(vocab_size, hidden.device))
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
     flat_targets = targets.reshape(-1)  # (N,)
-    logprobs, entropy = _FusedLinearLogprobsEntropy.apply(
-        flat_hidden, weight, bias, flat_targets, temperature, chunk_rows, tile_rows
+    logprobs, entropy, grad_norm = _FusedLinearLogprobsEntropy.apply(
+        flat_hidden, weight, bias, flat_targets, temperature, chunk_rows, tile_rows, return_grad_norm
     )
+    if return_grad_norm:
+        return logprobs.view(targets.shape), entropy.view(targets.shape), grad_norm.view(targets.shape)
     return logprobs.view(targets.shape), entropy.view(targets.shape)
 
 

@@ -2,7 +2,10 @@
 
 This is the indicator 1[H_i,t >= tau_rho] of the forking-token objective (paper 1, Eq. 6):
 keep the top-rho fraction of valid response tokens by entropy, and the controls the paper
-and its referee ask for (all tokens, the bottom fraction, a random fraction of equal size).
+and its referee ask for (all tokens, the bottom fraction, a random fraction of equal size),
+plus `gradient`: the top-rho fraction by the norm of the sampled token's log-prob gradient
+with respect to the logits, ‖e_y − p‖₂ / T (GMTS's ranking; computed by the fused log-prob op,
+`forkrl.ops.logprobs`, and passed in as `grad_norm`), exact-k with the same radix select.
 
 Choices fixed here, because the paper leaves them implicit:
 
@@ -48,7 +51,8 @@ class TokenSelection:
     """(B, T) bool: True for kept tokens; always False on padding."""
     threshold: torch.Tensor
     """() fp32: the k-th entropy, i.e. the smallest kept entropy for `top`, the largest kept
-    for `bottom`; NaN for `all`, `random`, and when nothing is kept."""
+    for `bottom`; NaN for `all`, `random`, `gradient` (it ranks by another value) and when
+    nothing is kept."""
     num_kept: torch.Tensor
     """() int64: k, the number of kept tokens."""
     num_valid: torch.Tensor
@@ -85,8 +89,9 @@ def select_tokens(
     *,
     group: dist.ProcessGroup | None = None,
     generator: torch.Generator | None = None,
+    grad_norm: torch.Tensor | None = None,
 ) -> TokenSelection:
-    """Select response tokens by entropy.
+    """Select response tokens by entropy (or, for `gradient`, by log-prob gradient norm).
 
     Args:
         entropy: (B, T) per-token entropy, any float dtype (compared in fp32). NaN is not
@@ -94,7 +99,8 @@ def select_tokens(
         response_mask: (B, T) bool or int, nonzero on response tokens, 0 on padding.
         strategy: `all` (every valid token), `top` (highest-entropy ceil(ratio * N)),
             `bottom` (lowest-entropy ceil(ratio * N)), `random` (ceil(ratio * N) uniformly
-            at random: the referee's control, same count without entropy).
+            at random: the referee's control, same count without entropy), `gradient`
+            (largest `grad_norm` ceil(ratio * N), ties to the earlier token as for `top`).
         ratio: rho in (0, 1]; ignored by `all` but still validated.
         group: None selects within this tensor (per micro-batch / per device). A process
             group (e.g. `torch.distributed.group.WORLD`) selects over all its ranks' tensors
@@ -102,6 +108,9 @@ def select_tokens(
         generator: RNG for `random`, on the device of `entropy`. For a global random
             selection give each rank a differently seeded generator: the count is exact,
             but the draws differ from a single-process selection of the concatenation.
+        grad_norm: (B, T) ‖∂ log π(o_t)/∂z_t‖₂ per token (`score_responses(...,
+            return_grad_norm=True)`); required by `gradient`, ignored otherwise. The entropy
+            statistics of the result are still those of `entropy`.
 
     Returns:
         A `TokenSelection`. Host syncs: one to read N (k must be a Python int to apply the
@@ -114,6 +123,11 @@ def select_tokens(
             f"entropy and response_mask must have the same shape, got "
             f"{tuple(entropy.shape)} and {tuple(response_mask.shape)}"
         )
+    if strategy == "gradient":
+        if grad_norm is None:
+            raise ValueError("selection strategy 'gradient' needs grad_norm (score_responses(return_grad_norm=True))")
+        if grad_norm.shape != entropy.shape:
+            raise ValueError(f"grad_norm {tuple(grad_norm.shape)} and entropy {tuple(entropy.shape)} disagree")
     scope = _Scope(group)
     # fp32 everywhere; "+ 0.0" turns -0.0 into +0.0 so that the two zeros tie, as they
     # compare equal (the bit-level keys below would otherwise put -0.0 first)
@@ -125,6 +139,9 @@ def select_tokens(
 
     if k == 0:
         mask = torch.zeros_like(valid)
+        threshold = entropy.new_full((), math.nan)
+    elif strategy == "gradient":
+        mask, _ = _select_top(grad_norm.detach().float() + 0.0, valid, k, scope, generator)
         threshold = entropy.new_full((), math.nan)
     else:
         mask, threshold = STRATEGIES[strategy](entropy, valid, k, scope, generator)
@@ -182,6 +199,8 @@ STRATEGIES: dict[str, Callable] = {
     "top": _select_top,
     "bottom": _select_bottom,
     "random": _select_random,
+    # top-k on the gradient norms instead of the entropies (`select_tokens` passes them in)
+    "gradient": _select_top,
 }
 
 
