@@ -12,6 +12,13 @@ same number of sequences. Gradient checkpointing is off in both (`--gradient-che
 it on in both; TRL's own default is on, which costs it 10-15% of a step here).
 
     tokens/s = generated response tokens (sum of response lengths, EOS included) / step wall time
+    decode tok/s = the same tokens / the generation phase's wall time (and per CPU-second of it)
+
+Reasoning length: `--min-new-tokens max` masks EOS until `--max-new-tokens`, so every response is
+exactly that long (forkrl `SamplingParams.min_new_tokens`, TRL `generation_kwargs={"min_new_tokens"}`,
+both HF's `MinNewTokensLengthLogitsProcessor` rule); several `--max-new-tokens` values are run as
+separate settings, each with its own alternating rounds, and summed up in one table at the end,
+which also splits each step's CPU time into generation and the rest (reward, log-probs, update).
 
 Each framework runs in its own subprocess with the same `torch.set_num_threads(--threads)` and
 `OMP_NUM_THREADS`; `--warmup` steps are run and dropped, then the median of `--repeats` steps is
@@ -28,12 +35,16 @@ and pools their measured steps, so both see the same drift in load.
 
     python benchmarks/train_step.py                  # 8 prompts x 8 responses, <= 64 tokens
     python benchmarks/train_step.py --repeats 5 --threads 1
+    # responses of exactly 64 / 256 / 1024 / 2048 tokens, 4 prompts x 8, 1 thread:
+    python benchmarks/train_step.py --prompts 4 --max-new-tokens 64 256 1024 2048 --min-new-tokens max \
+        --threads 1 --warmup 1 --repeats 2 --rounds 2
     pip install trl accelerate                       # to add the TRL comparison
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -46,7 +57,9 @@ from pathlib import Path
 
 import torch
 
-FRAMEWORKS = ("forkrl", "trl")
+FRAMEWORKS = ("forkrl", "trl", "forkrl-generate")
+"""`forkrl-generate`: forkrl decoding through `model.generate` (`HFGenerationBackend(lean_decode=False)`,
+the path before the lean decode loop), for before/after figures in one run."""
 FORKRL_PHASES = ("generate_s", "reward_s", "old_logprobs_s", "update_s")
 
 # Written into the work directory and imported by both frameworks (forkrl through
@@ -87,6 +100,8 @@ def _prepare(args: argparse.Namespace, work: Path) -> None:
         num_heads=args.heads,
         num_kv_heads=args.kv_heads,
         intermediate_size=4 * args.hidden,
+        # Room for prompt + response (RoPE does not depend on it, so the weights are the same).
+        max_position_embeddings=max(2048, max(args.max_new_tokens) + 256),
     )
     rows = _questions(args.prompts)
     (work / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -133,11 +148,28 @@ def _run_forkrl(args: argparse.Namespace, work: Path) -> dict:
     threads = torch.get_num_threads()
     # The logger is called once at the end of every step: CPU time between calls is the step's.
     cpu_marks = [time.process_time()]
+    generation_cpu = [0.0]  # CPU time in the backend since the last step ended
+    generation_cpu_per_step: list[float] = []
     log = trainer.logger.log
+    generate = trainer.backend.generate
+
+    def timed_generate(prompts, params):
+        # The trainer has no min_new_tokens setting: the benchmark adds it to the trainer's params.
+        params = dataclasses.replace(params, min_new_tokens=min(args.min_new_tokens, params.max_new_tokens))
+        cpu0 = time.process_time()
+        try:
+            return generate(prompts, params)
+        finally:
+            generation_cpu[0] += time.process_time() - cpu0
 
     def log_and_mark(step, metrics):
         log(step, metrics)
         cpu_marks.append(time.process_time())
+        generation_cpu_per_step.append(generation_cpu[0])
+        generation_cpu[0] = 0.0
+
+    trainer.backend.generate = timed_generate  # an instance attribute shadows the method
+    trainer.backend.lean_decode = args.worker != "forkrl-generate"
 
     trainer.logger.log = log_and_mark
     trainer.train()
@@ -152,6 +184,7 @@ def _run_forkrl(args: argparse.Namespace, work: Path) -> dict:
                 "tokens": tokens,
                 "sequences": r.get("groups_trained", 0.0) * args.group,
                 "phases": {k: r.get(k, 0.0) for k in FORKRL_PHASES},
+                "generate_cpu_s": generation_cpu_per_step[i],
                 "threads": threads,
             }
         )
@@ -181,6 +214,7 @@ def _run_trl(args: argparse.Namespace, work: Path) -> dict:
         steps_per_generation=n_seq // args.micro_batch,  # ... and generates them all at once
         num_iterations=1,
         max_completion_length=args.max_new_tokens,
+        generation_kwargs={"min_new_tokens": args.min_new_tokens} if args.min_new_tokens else None,
         temperature=1.0,
         top_entropy_quantile=0.2,
         beta=0.0,
@@ -204,15 +238,17 @@ def _run_trl(args: argparse.Namespace, work: Path) -> dict:
         model=str(work / "model"), reward_funcs=[benchreward.trl_reward], args=config, train_dataset=dataset
     )
 
-    phase_totals = {"generate_s": 0.0, "reward_s": 0.0, "rollout_s": 0.0, "generations": 0}
+    phase_totals = {"generate_s": 0.0, "generate_cpu_s": 0.0, "reward_s": 0.0, "rollout_s": 0.0, "generations": 0}
 
     def timed(method, key):
         def wrapper(*a, **kw):
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             try:
                 return method(*a, **kw)
             finally:
                 phase_totals[key] += time.perf_counter() - t0
+                if key == "generate_s":
+                    phase_totals["generate_cpu_s"] += time.process_time() - cpu0
                 if key == "rollout_s":
                     phase_totals["generations"] += 1
 
@@ -258,6 +294,7 @@ def _run_trl(args: argparse.Namespace, work: Path) -> dict:
                         "other_rollout_s": rollout - generate - reward,
                         "update_s": step_s - rollout,
                     },
+                    "generate_cpu_s": phase_totals["generate_cpu_s"],
                     "threads": self.threads,
                 }
             )
@@ -273,17 +310,24 @@ def _worker(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(work))
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    result = _run_forkrl(args, work) if args.worker == "forkrl" else _run_trl(args, work)
+    # A worker runs one setting: one response length, `--min-new-tokens` already resolved to an int.
+    args.max_new_tokens, args.min_new_tokens = args.max_new_tokens[0], int(args.min_new_tokens)
+    result = _run_trl(args, work) if args.worker == "trl" else _run_forkrl(args, work)
     print("RESULT " + json.dumps(result))
 
 
 # ---------------------------------------------------------------------------------------- driver
 
 
-def _spawn(args: argparse.Namespace, framework: str, work: Path) -> dict:
+def _min_new_tokens(args: argparse.Namespace, max_new_tokens: int) -> int:
+    return max_new_tokens if args.min_new_tokens == "max" else min(int(args.min_new_tokens), max_new_tokens)
+
+
+def _spawn(args: argparse.Namespace, framework: str, work: Path, max_new_tokens: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", framework, "--work", str(work)]
-    for key in ("prompts", "group", "max_new_tokens", "micro_batch", "warmup", "repeats", "threads"):
+    for key in ("prompts", "group", "micro_batch", "warmup", "repeats", "threads"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    cmd += ["--max-new-tokens", str(max_new_tokens), "--min-new-tokens", str(_min_new_tokens(args, max_new_tokens))]
     if args.gradient_checkpointing:
         cmd.append("--gradient-checkpointing")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
@@ -310,6 +354,10 @@ def _summary(measured: list[dict]) -> dict:
         "tokens": statistics.median(s["tokens"] for s in measured),
         "tokens_per_s": statistics.median(s["tokens"] / s["step_s"] for s in measured),
         "tokens_per_cpu_s": statistics.median(s["tokens"] / s["cpu_s"] for s in measured),
+        "decode_tokens_per_s": statistics.median(s["tokens"] / s["phases"]["generate_s"] for s in measured),
+        "decode_tokens_per_cpu_s": statistics.median(s["tokens"] / s["generate_cpu_s"] for s in measured),
+        "generate_cpu_s": statistics.median(s["generate_cpu_s"] for s in measured),
+        "rest_cpu_s": statistics.median(s["cpu_s"] - s["generate_cpu_s"] for s in measured),
         "phases": {k: statistics.median(s["phases"][k] for s in measured) for k in measured[0]["phases"]},
     }
 
@@ -326,7 +374,78 @@ def _print_steps(name: str, result: dict, warmup: int) -> None:
         print(
             f"  {tag:>6} {i + 1}: {s['step_s']:6.2f} s ({s['cpu_s']:6.2f} cpu-s)  {s['tokens']:5.0f} tok"
             f"  {s['tokens'] / s['step_s']:6.1f} tok/s  seqs {s['sequences']:.0f}  threads {s['threads']}{extra}"
-            f"  | {phases}"
+            f"  | {phases}  (generate {s['generate_cpu_s']:.2f} cpu-s)"
+        )
+
+
+def _run_setting(args: argparse.Namespace, frameworks: list[str], work: Path, max_new_tokens: int) -> dict:
+    """Alternating rounds of every framework at one response length; their summaries by name."""
+    min_new = _min_new_tokens(args, max_new_tokens)
+    print(f"\n=== {args.prompts} x {args.group} responses, {min_new}-{max_new_tokens} new tokens ===")
+    measured: dict[str, list[dict]] = {name: [] for name in frameworks}
+    # Alternate the frameworks round by round, so that both see the same drift in machine load.
+    for round_index in range(args.rounds):
+        for name in frameworks:
+            result = _spawn(args, name, work, max_new_tokens)
+            label = name if args.rounds == 1 else f"{name} (round {round_index + 1})"
+            if "error" in result:
+                print(f"\n{label}: failed: {result['error']}")
+                continue
+            _print_steps(label, result, args.warmup)
+            measured[name] += result["steps"][args.warmup :]
+
+    summaries = {name: _summary(steps) for name, steps in measured.items() if steps}
+    if not summaries:
+        return summaries
+    print(
+        f"\n{'framework':>15} | {'steps':>5} | {'step s':>6} | {'cpu-s':>6} | {'tokens':>6} | {'tokens/s':>8} "
+        f"| {'tok/cpu-s':>9} | {'decode tok/s':>12} | {'decode tok/cpu-s':>16} | phases (median s)"
+    )
+    for name, s in summaries.items():
+        phases = "  ".join(f"{k.removesuffix('_s')} {v:.2f}" for k, v in s["phases"].items())
+        print(
+            f"{name:>15} | {s['steps']:5d} | {s['step_s']:6.2f} | {s['cpu_s']:6.2f} | {s['tokens']:6.0f} "
+            f"| {s['tokens_per_s']:8.1f} | {s['tokens_per_cpu_s']:9.1f} | {s['decode_tokens_per_s']:12.1f} "
+            f"| {s['decode_tokens_per_cpu_s']:16.1f} | {phases}"
+        )
+    if "forkrl" in summaries and "trl" in summaries:
+        fk, trl = summaries["forkrl"], summaries["trl"]
+        print(
+            f"\nforkrl / TRL: tokens/s {fk['tokens_per_s'] / trl['tokens_per_s']:.2f}x (goal >= 2x at 1024 tokens), "
+            f"tokens per CPU-second {fk['tokens_per_cpu_s'] / trl['tokens_per_cpu_s']:.2f}x, "
+            f"decode tokens per CPU-second {fk['decode_tokens_per_cpu_s'] / trl['decode_tokens_per_cpu_s']:.2f}x"
+        )
+    if "forkrl" in summaries and "forkrl-generate" in summaries:
+        fk, gen = summaries["forkrl"], summaries["forkrl-generate"]
+        print(
+            f"forkrl lean loop / forkrl via generate: decode tokens per CPU-second "
+            f"{fk['decode_tokens_per_cpu_s'] / gen['decode_tokens_per_cpu_s']:.2f}x, "
+            f"step tokens per CPU-second {fk['tokens_per_cpu_s'] / gen['tokens_per_cpu_s']:.2f}x"
+        )
+    return summaries
+
+
+def _print_table(results: dict[int, dict]) -> None:
+    """One line per response length: whole-step and decode throughput of both frameworks, and ratios."""
+    print(
+        "\n| new tokens | forkrl tok/s | TRL tok/s | ratio | tok/cpu-s ratio | forkrl decode tok/cpu-s "
+        "| TRL decode tok/cpu-s | decode ratio | forkrl generate / rest cpu-s | TRL generate / rest cpu-s "
+        "| forkrl via generate: decode tok/cpu-s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for length, s in results.items():
+        if "forkrl" not in s or "trl" not in s:
+            continue
+        fk, trl = s["forkrl"], s["trl"]
+        print(
+            f"| {length} | {fk['tokens_per_s']:.0f} | {trl['tokens_per_s']:.0f} "
+            f"| {fk['tokens_per_s'] / trl['tokens_per_s']:.2f}x "
+            f"| {fk['tokens_per_cpu_s'] / trl['tokens_per_cpu_s']:.2f}x "
+            f"| {fk['decode_tokens_per_cpu_s']:.0f} | {trl['decode_tokens_per_cpu_s']:.0f} "
+            f"| {fk['decode_tokens_per_cpu_s'] / trl['decode_tokens_per_cpu_s']:.2f}x "
+            f"| {fk['generate_cpu_s']:.2f} / {fk['rest_cpu_s']:.2f} "
+            f"| {trl['generate_cpu_s']:.2f} / {trl['rest_cpu_s']:.2f} "
+            + (f"| {s['forkrl-generate']['decode_tokens_per_cpu_s']:.0f} |" if "forkrl-generate" in s else "| — |")
         )
 
 
@@ -334,7 +453,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=8, help="prompts per step")
     parser.add_argument("--group", type=int, default=8, help="responses per prompt (G)")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="max response length")
+    parser.add_argument(
+        "--max-new-tokens", type=int, nargs="+", default=[64], help="max response length; several: one setting each"
+    )
+    parser.add_argument(
+        "--min-new-tokens",
+        default="0",
+        help="EOS masked before this many tokens (an int, or `max` for responses of exactly --max-new-tokens)",
+    )
     parser.add_argument("--micro-batch", type=int, default=16, help="sequences per forward/backward")
     parser.add_argument("--warmup", type=int, default=1, help="steps run and dropped")
     parser.add_argument("--repeats", type=int, default=3, help="measured steps (median)")
@@ -349,20 +475,22 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4, help="tiny model layers")
     parser.add_argument("--heads", type=int, default=4, help="attention heads")
     parser.add_argument("--kv-heads", type=int, default=2, help="key/value heads")
-    parser.add_argument("--frameworks", nargs="+", default=list(FRAMEWORKS), choices=FRAMEWORKS)
+    parser.add_argument("--frameworks", nargs="+", default=["forkrl", "trl"], choices=FRAMEWORKS)
     parser.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.min_new_tokens != "max" and not args.min_new_tokens.isdigit():
+        parser.error("--min-new-tokens takes an int >= 0 or `max`")
     if args.worker:
         _worker(args)
         return
 
     print(
         f"torch={torch.__version__} threads={args.threads} model: qwen3 hidden={args.hidden} layers={args.layers} "
-        f"| {args.prompts} prompts x {args.group} responses, <= {args.max_new_tokens} new tokens, "
-        f"micro-batch {args.micro_batch}, 1 optimizer step per batch, top 20% entropy tokens, "
-        f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'} "
-        f"| warmup {args.warmup}, median of {args.repeats}"
+        f"| {args.prompts} prompts x {args.group} responses, <= {args.max_new_tokens} new tokens "
+        f"(min {args.min_new_tokens}), micro-batch {args.micro_batch}, 1 optimizer step per batch, top 20% entropy "
+        f"tokens, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'} "
+        f"| warmup {args.warmup}, median of {args.repeats} x {args.rounds} rounds"
     )
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
     if args.threads > 1 and load + args.threads > cores:
@@ -376,40 +504,12 @@ def main() -> None:
         print("TRL not installed: pip install trl to compare")
         frameworks.remove("trl")
 
-    measured: dict[str, list[dict]] = {name: [] for name in frameworks}
     with tempfile.TemporaryDirectory(prefix="forkrl_bench_") as tmp:
         work = Path(tmp)
         _prepare(args, work)
-        # Alternate the frameworks round by round, so that both see the same drift in machine load.
-        for round_index in range(args.rounds):
-            for name in frameworks:
-                result = _spawn(args, name, work)
-                label = name if args.rounds == 1 else f"{name} (round {round_index + 1})"
-                if "error" in result:
-                    print(f"\n{label}: failed: {result['error']}")
-                    continue
-                _print_steps(label, result, args.warmup)
-                measured[name] += result["steps"][args.warmup :]
-
-    summaries = {name: _summary(steps) for name, steps in measured.items() if steps}
-    if not summaries:
-        return
-    print(
-        f"\n{'framework':>9} | {'steps':>5} | {'step s':>6} | {'cpu-s':>6} | {'tokens':>6} | {'tokens/s':>8} "
-        f"| {'tok/cpu-s':>9} | phases (median s)"
-    )
-    for name, s in summaries.items():
-        phases = "  ".join(f"{k.removesuffix('_s')} {v:.2f}" for k, v in s["phases"].items())
-        print(
-            f"{name:>9} | {s['steps']:5d} | {s['step_s']:6.2f} | {s['cpu_s']:6.2f} | {s['tokens']:6.0f} "
-            f"| {s['tokens_per_s']:8.1f} | {s['tokens_per_cpu_s']:9.1f} | {phases}"
-        )
-    if "forkrl" in summaries and "trl" in summaries:
-        fk, trl = summaries["forkrl"], summaries["trl"]
-        print(
-            f"\nforkrl / TRL: tokens/s {fk['tokens_per_s'] / trl['tokens_per_s']:.2f}x (goal >= 1.5x), "
-            f"tokens per CPU-second {fk['tokens_per_cpu_s'] / trl['tokens_per_cpu_s']:.2f}x"
-        )
+        results = {length: _run_setting(args, frameworks, work, length) for length in args.max_new_tokens}
+    if len(results) > 1:
+        _print_table(results)
     print(f"load average now: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
 
 

@@ -16,7 +16,12 @@ from forkrl.train.trainer import run_training
 from tests.train.conftest import tiny_overrides
 
 ALL = sorted(fast_paths.DESCRIPTIONS)
-GENERATION = [fast_paths.INPLACE_KV_CACHE, fast_paths.SHARED_PROMPT_PREFILL, fast_paths.DECODE_PHASES]
+GENERATION = [
+    fast_paths.INPLACE_KV_CACHE,
+    fast_paths.SHARED_PROMPT_PREFILL,
+    fast_paths.DECODE_PHASES,
+    fast_paths.LEAN_DECODE_LOOP,
+]
 PROMPTS = ["1+1=", "1+1=", "1+1=", "x = 3, y =", "9", "9"]
 
 
@@ -36,7 +41,7 @@ def _generate(model, tok, **backend_kwargs):
 
 
 def test_every_fast_path_is_on_for_the_installed_transformers(model, tok):
-    """The guard against a silent fallback: generation and scoring of repeated prompts use all four."""
+    """The guard against a silent fallback: generation and scoring of repeated prompts use them all."""
     rollout = _generate(model, tok, decode_phase=4)
     with torch.no_grad():
         score_responses(model, rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask)
@@ -65,6 +70,7 @@ def test_paths_that_do_not_apply_are_not_declined(model, tok, caplog):
         fast_paths.SHARED_PROMPT_PREFILL: "not used",
         fast_paths.INPLACE_KV_CACHE: "on",
         fast_paths.DECODE_PHASES: "not used",
+        fast_paths.LEAN_DECODE_LOOP: "on",
     }
     assert caplog.records == []
 
@@ -90,6 +96,7 @@ def test_a_declined_path_warns_once_per_run_and_changes_no_token(model, tok, cap
     assert [r.getMessage() for r in caplog.records] == [
         fast_paths.warning_text(fast_paths.INPLACE_KV_CACHE, reason),
         fast_paths.warning_text(fast_paths.DECODE_PHASES, reason),
+        fast_paths.warning_text(fast_paths.LEAN_DECODE_LOOP, reason),
         fast_paths.warning_text(fast_paths.SHARED_PROMPT_PREFILL, reason),
     ]
     assert {name: fast_paths.status()[name] for name in GENERATION} == dict.fromkeys(GENERATION, f"off: {reason}")

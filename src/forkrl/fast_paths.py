@@ -28,12 +28,14 @@ SHARED_PREFIX_SCORING = "shared_prefix_scoring"
 SHARED_PROMPT_PREFILL = "shared_prompt_prefill"
 INPLACE_KV_CACHE = "inplace_kv_cache"
 DECODE_PHASES = "decode_phases"
+LEAN_DECODE_LOOP = "lean_decode_loop"
 
 DESCRIPTIONS = {
     SHARED_PREFIX_SCORING: "shared-prefix scoring (each group's prompt run once in the update pass)",
     SHARED_PROMPT_PREFILL: "shared-prompt prefill (each group's prompt prefilled once in generation)",
     INPLACE_KV_CACHE: "in-place KV cache (generation appends without re-concatenating)",
     DECODE_PHASES: "decode phases (rollout.decode_phase: finished rows leave every n tokens)",
+    LEAN_DECODE_LOOP: "lean decode loop (generation steps the model's forward itself, without generate's overhead)",
 }
 """Every fast path, by the name used in metrics and reports."""
 

@@ -19,6 +19,9 @@ the locked version; see the README's "Tested versions"):
   `past_key_values` (5.0-5.23), `cache` (5.24+).
 - `generate(<cache argument>=cache)` continues from a cache that holds a prefix of `input_ids`:
   each group's prompt prefilled once, and decode phases (5.0).
+- What `generate` hands a decoder-only model's `forward` at each step, which the lean decode loop
+  (`rollout/decode.py`) hands it too: `input_ids`, the 2-D `attention_mask`, `position_ids`, the
+  cache, `use_cache`, `return_dict`, and `logits_to_keep=1` where the signature has it (5.0).
 - `modeling_layers.GradientCheckpointingLayer._can_checkpoint_with_cache`: a checkpointed layer may
   keep its cache, which shared-prefix scoring under gradient checkpointing needs (5.15).
 - `activation_checkpointing_enable(activation_checkpointing_kwargs=...)` (5.23; before it,
@@ -81,6 +84,15 @@ def cache_argument(module: torch.nn.Module) -> str | None:
     except (TypeError, ValueError):  # a forward without a signature (e.g. a C extension)
         return None
     return next((name for name in CACHE_ARGUMENTS if name in parameters), None)
+
+
+def takes_logits_to_keep(module: torch.nn.Module) -> bool:
+    """Whether `module.forward` takes `logits_to_keep` (then `generate` passes 1: only the last
+    position's logits are computed), read from the signature like `cache_argument`."""
+    try:
+        return "logits_to_keep" in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def cache_kwargs(module: torch.nn.Module, cache: Any) -> dict[str, Any]:

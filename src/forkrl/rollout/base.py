@@ -14,7 +14,8 @@ import torch
 class SamplingParams:
     """How to sample responses.
 
-    Decoding applies, in order: temperature (or entropy-aware temperature), top-k, top-p.
+    Decoding applies, in order: the EOS mask of `min_new_tokens`, temperature (or entropy-aware
+    temperature), top-k, top-p.
     """
 
     max_new_tokens: int
@@ -28,6 +29,10 @@ class SamplingParams:
     entropy_temperature: tuple[float, float, float] | None = None
     """`(T_low, T_high, h)`: sample with T_high where the raw (T = 1) entropy H_t > h and with T_low
     elsewhere (paper Eq. 5; paper value h = 0.672). Replaces `temperature` when set."""
+    min_new_tokens: int = 0
+    """EOS tokens are masked out (-inf, before temperature) for the first `min_new_tokens` steps, so
+    every response runs at least that long; for benchmarks at a fixed response length. The masked
+    distribution is the one sampled, and the recorded log-probs and entropies are its own."""
     seed: int | None = None
     """Seed for sampling; the same seed, inputs and batch size give the same tokens. None: use the
     global torch RNG as it is. Ignored when `row_seeds` is set."""
@@ -48,6 +53,8 @@ class SamplingParams:
             raise ValueError("top_p must be in (0, 1]")
         if self.top_k < 0:
             raise ValueError("top_k must be >= 0")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError("min_new_tokens must be in [0, max_new_tokens]")
         if self.entropy_temperature is not None:
             t_low, t_high, _ = self.entropy_temperature
             if t_low <= 0 or t_high <= 0:

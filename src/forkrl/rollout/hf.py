@@ -1,9 +1,14 @@
-"""Generation backend on Hugging Face `model.generate`: batched, KV-cached, seeded, with sampler stats.
+"""Generation backend on Hugging Face models: batched, KV-cached, seeded, with sampler stats.
+
+Decoding runs in forkrl's lean loop over the model's `forward` (`rollout/decode.py`) where the
+in-place KV cache can be built, and in `model.generate` otherwise (and with `lean_decode=False`, the
+reference the tests compare it with); both give the same tokens and statistics.
 
 How the per-token statistics are obtained: instead of asking `generate` for `output_scores` /
 `output_logits` (which keeps a `[B, V]` tensor for every step, i.e. `R·B·V` floats — 300 GB for
 B = 64, R = 8k, V = 150k), we hand `generate` our own processor chain and record what we need as the
-scores flow through it, one vectorised op per step over the batch:
+scores flow through it, one vectorised op per step over the batch (the lean loop applies the same
+processors and records the same values in its own loop):
 
     raw logits -> temperature (or entropy-aware temperature) -> [record entropy] -> top-k -> top-p
                -> [record log-normaliser of the final scores] -> [seeded Gumbel-max, with row_seeds]
@@ -23,6 +28,7 @@ from transformers import (
     GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
+    MinNewTokensLengthLogitsProcessor,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     TemperatureLogitsWarper,
@@ -35,20 +41,26 @@ from forkrl.models import compat
 from forkrl.models.loading import unwrap_peft
 from forkrl.models.scoring import prompt_groups, shared_prefix_unsupported
 from forkrl.rollout.base import Prompts, Rollout, SamplingParams
+from forkrl.rollout.decode import decode_tokens
 from forkrl.rollout.entropy_temperature import EntropyAwareTemperature, entropy_of_logits
 from forkrl.rollout.kv_cache import growing_cache
 from forkrl.rollout.seeded_sampling import SeededGumbelSampler
 
 
 class HFGenerationBackend:
-    """Sample with the in-process training model through `model.generate`.
+    """Sample with the in-process training model.
 
     Args:
         model: a causal LM (possibly `peft`-wrapped); sampling runs in eval mode and restores the mode.
         tokenizer: used to tokenize text prompts and for the pad/EOS ids.
-        batch_size: sequences per `generate` call; larger batches are split into chunks.
+        batch_size: sequences decoded together; larger batches are split into chunks.
         eos_token_ids: tokens that end a response; default: the tokenizer's EOS plus those in
             `model.generation_config` (chat models often have several, e.g. `<|im_end|>`).
+        share_prompt: prefill each run of identical prompt rows once (see below).
+        decode_phase: tokens per decoding phase, 0 = one phase (see "Long tails" below).
+        lean_decode: decode in forkrl's own loop over the model's `forward` (`rollout/decode.py`;
+            the fast path `lean_decode_loop`), with `model.generate` only where the in-place KV
+            cache cannot be built; False: always `generate` (the reference path, same results).
 
     Seeding: with `SamplingParams.seed` set, generation runs inside `torch.random.fork_rng` after
     `torch.manual_seed(seed)` (HF samples with `torch.multinomial` on the global generator, which
@@ -72,7 +84,7 @@ class HFGenerationBackend:
     long response keeps the whole batch busy. With `decode_phase = n > 0`, generation stops every
     n tokens and goes on with only the unfinished rows (and their slice of the KV cache). With
     `row_seeds` the tokens are those of a single call (each row's draw depends on its seed and
-    step only); the cost is one extra `generate` call, and its setup, per phase.
+    step only); the cost is one more start of the decode loop, and its setup, per phase.
     """
 
     def __init__(
@@ -83,6 +95,7 @@ class HFGenerationBackend:
         eos_token_ids: Sequence[int] | None = None,
         share_prompt: bool = True,
         decode_phase: int = 0,
+        lean_decode: bool = True,
     ):
         if tokenizer.pad_token_id is None:
             raise ValueError("tokenizer needs a pad token (load_policy sets pad = EOS when missing)")
@@ -91,6 +104,7 @@ class HFGenerationBackend:
         self.batch_size = batch_size
         self.share_prompt = share_prompt
         self.decode_phase = decode_phase
+        self.lean_decode = lean_decode
         self.pad_token_id = tokenizer.pad_token_id
         self.eos_token_ids = list(eos_token_ids) if eos_token_ids is not None else _default_eos_ids(model, tokenizer)
         if not self.eos_token_ids:
@@ -156,10 +170,14 @@ class HFGenerationBackend:
             fast_paths.declined(fast_paths.INPLACE_KV_CACHE, reason)
             if self.decode_phase > 0:
                 fast_paths.declined(fast_paths.DECODE_PHASES, reason)
+            if self.lean_decode:
+                fast_paths.declined(fast_paths.LEAN_DECODE_LOOP, reason)
         else:
             fast_paths.used(fast_paths.INPLACE_KV_CACHE)
             if self.decode_phase > 0:
                 fast_paths.used(fast_paths.DECODE_PHASES)
+            if self.lean_decode:
+                fast_paths.used(fast_paths.LEAN_DECODE_LOOP)
         if self.share_prompt:
             cache = self._prefill_shared_prompts(prompt_ids, prompt_mask, cache, reason)
         phase = self.decode_phase if cache is not None else 0
@@ -223,10 +241,38 @@ class HFGenerationBackend:
         max_new_tokens: int,
         cache,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One `generate` call of up to `max_new_tokens` from `input_ids` (and the `cache` holding
-        all but their last column); returns the new tokens and their log-probs and entropies."""
+        """Up to `max_new_tokens` tokens from `input_ids` (and the `cache` holding a prefix of them:
+        all but their last column, or none) in the lean loop, or in one `generate` call where there
+        is no cache of ours or `lean_decode` is off; returns the new tokens `[B, R]` and their
+        log-probs and entropies `[B, R]`."""
+        eos = torch.tensor(self.eos_token_ids, device=input_ids.device)
+        tempering, truncation = _warpers(params)
+        if self.lean_decode and cache is not None:
+            model = unwrap_peft(self.model)
+            forward_kwargs = compat.cache_kwargs(model, cache)
+            if compat.takes_logits_to_keep(model):
+                forward_kwargs["logits_to_keep"] = 1
+            return decode_tokens(
+                self.model,
+                input_ids,
+                attention_mask,
+                cache,
+                first_step=input_ids.shape[1] - prompt_len,
+                max_new_tokens=max_new_tokens,
+                tempering=tempering,
+                truncation=truncation,
+                row_seeds=seeds,
+                eos_ids=eos,
+                pad_token_id=self.pad_token_id,
+                min_new_tokens=params.min_new_tokens,
+                forward_kwargs=forward_kwargs,
+            )
+
         recorder = _SamplerStatsRecorder()
-        processors = _build_processors(params, recorder)
+        processors = LogitsProcessorList([*tempering, recorder.entropy_stage(), *truncation, recorder.logprob_stage()])
+        if params.min_new_tokens > 0:
+            # First, like generate's own: the EOS mask shapes the distribution that is recorded.
+            processors.insert(0, MinNewTokensLengthLogitsProcessor(prompt_len, params.min_new_tokens, eos))
         if seeds is not None:
             # After the recorder: the Gumbel-max draw is from the recorded final scores' softmax.
             processors.append(SeededGumbelSampler(seeds, prompt_len=prompt_len))
@@ -354,21 +400,22 @@ class _Greedy(LogitsProcessor):
         return out.scatter_(1, scores.argmax(-1, keepdim=True), 0.0)
 
 
-def _build_processors(params: SamplingParams, recorder: _SamplerStatsRecorder) -> LogitsProcessorList:
-    processors: list[LogitsProcessor] = []
+def _warpers(params: SamplingParams) -> tuple[list[LogitsProcessor], list[LogitsProcessor]]:
+    """`(tempering, truncation)`: the processors before the recorded entropy (temperature, or
+    entropy-aware temperature, or greedy) and after it (top-k, top-p), in the order they apply."""
+    tempering: list[LogitsProcessor] = []
     if params.entropy_temperature is not None:
-        processors.append(EntropyAwareTemperature(*params.entropy_temperature))
+        tempering.append(EntropyAwareTemperature(*params.entropy_temperature))
     elif params.temperature == 0:
-        processors.append(_Greedy())
+        tempering.append(_Greedy())
     elif params.temperature != 1.0:
-        processors.append(TemperatureLogitsWarper(params.temperature))
-    processors.append(recorder.entropy_stage())
+        tempering.append(TemperatureLogitsWarper(params.temperature))
+    truncation: list[LogitsProcessor] = []
     if params.top_k > 0:
-        processors.append(TopKLogitsWarper(params.top_k))
+        truncation.append(TopKLogitsWarper(params.top_k))
     if params.top_p < 1.0:
-        processors.append(TopPLogitsWarper(params.top_p))
-    processors.append(recorder.logprob_stage())
-    return LogitsProcessorList(processors)
+        truncation.append(TopPLogitsWarper(params.top_p))
+    return tempering, truncation
 
 
 @contextlib.contextmanager

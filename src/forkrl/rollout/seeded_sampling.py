@@ -35,8 +35,9 @@ def _mix32_(x: torch.Tensor) -> torch.Tensor:
     return x.bitwise_xor_(x >> 15)
 
 
-def _row_keys(row_seeds: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two 32-bit keys `[B]` per (row seed, step); `row_seeds` is `[B]` int64 (any int64 value)."""
+def _row_keys(row_seeds: torch.Tensor, step: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two 32-bit keys `[B]` per (row seed, step); `row_seeds` is `[B]` int64 (any int64 value), `step`
+    an int or a `[B]` int64 tensor of per-row steps (>= 0)."""
     lo, hi = row_seeds & _MASK32, (row_seeds >> 32) & _MASK32  # two's-complement words of the seed
     keys = []
     for start in (_LANE_A, _LANE_B):
@@ -46,10 +47,12 @@ def _row_keys(row_seeds: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.T
     return keys[0], keys[1]
 
 
-def hash_bits(row_seeds: torch.Tensor, step: int, token_ids: torch.Tensor) -> torch.Tensor:
+def hash_bits(row_seeds: torch.Tensor, step: int | torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """Uniform 32-bit hashes `[B, V]` (int64 in [0, 2^32)) of (row seed `[B]`, step, token id `[V]`).
 
-    Entry (b, j) depends only on `row_seeds[b]`, `step` and `token_ids[j]`, never on b itself.
+    Entry (b, j) depends only on `row_seeds[b]`, `step` (or `step[b]`, a `[B]` tensor) and
+    `token_ids[j]`, never on b itself: integer arithmetic, so hashing many steps as one batch of rows
+    gives the bits of each step alone (the lean decode loop makes its noise that way).
     """
     key_a, key_b = _row_keys(row_seeds, step)
     h = (key_a.unsqueeze(1) + token_ids.unsqueeze(0)).bitwise_and_(_MASK32)  # [B, V]
