@@ -7,8 +7,9 @@ is the machine's choice.
 
 import re
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 
 def dependency_names(extras: list[str]) -> list[str]:

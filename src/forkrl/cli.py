@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -67,13 +68,54 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
+_DEBUG = {"on": os.environ.get("FORKRL_DEBUG", "") not in ("", "0")}
+"""`--debug` (or FORKRL_DEBUG=1): show user errors' tracebacks instead of one line."""
+
+DEBUG_OPTION = typer.Option(False, "--debug", help="Show the full traceback of an error instead of one line.")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input (a key, a file, a row, a path), not a bug: one line, exit 2."""
+    from forkrl.config import ConfigError
+    from forkrl.tasks.data import PromptDataError
+    from forkrl.train.checkpoint import CheckpointError
+    from forkrl.train.run_dir import RunDirError
+
+    return (ConfigError, PromptDataError, RunDirError, CheckpointError, FileNotFoundError, FileExistsError)
+
+
+def _one_line(err: BaseException) -> str:
+    text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)  # KeyError's str() adds quotes
+    return " ".join(str(text).split()) or type(err).__name__
+
+
+@contextlib.contextmanager
+def user_errors(*more: type[BaseException], debug: bool = False):
+    """Turn the user errors (plus `more`) raised inside into `error: <one line>` on stderr and exit
+    code 2; a graceful stop by SIGTERM/SIGINT exits 128 + the signal's number, as a shell reports it."""
+    from forkrl.train.trainer import TrainingInterrupted, TrainingStopped
+
+    try:
+        yield
+    except TrainingInterrupted as err:
+        typer.echo(f"stopped: {_one_line(err)}", err=True)
+        raise typer.Exit(128 + err.signum) from err
+    except (*_user_errors(), TrainingStopped, *more) as err:
+        if debug or _DEBUG["on"]:
+            raise
+        typer.echo(f"error: {_one_line(err)}", err=True)
+        raise typer.Exit(2) from err
+
+
 @app.callback()
 def _root(
     version: bool = typer.Option(
         False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
     ),
+    debug: bool = DEBUG_OPTION,
 ) -> None:
     """RL with verifiable rewards on language models, built around high-entropy forking tokens."""
+    _DEBUG["on"] = debug or os.environ.get("FORKRL_DEBUG", "") not in ("", "0")  # per invocation
 
 
 @app.command("info")
@@ -97,23 +139,30 @@ def info() -> None:
 def train(
     config: str = typer.Argument(None, help="YAML recipe (e.g. configs/qwen3_8b_forking.yaml); omit with --resume."),
     overrides: list[str] = typer.Argument(None, help="key.sub=value overrides, e.g. selection.ratio=0.1"),
-    resume: str = typer.Option(None, "--resume", help="Continue the run in this directory from its latest checkpoint."),
+    resume: str = typer.Option(
+        None,
+        "--resume",
+        help="Continue the run in RUN_DIR from its newest valid checkpoint, or from RUN_DIR/checkpoints/step_N; "
+        "key=value overrides apply to the run's saved config.",
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Start afresh in a non-empty output_dir: move it aside to OUTPUT_DIR.old-<time>."
+    ),
+    debug: bool = DEBUG_OPTION,
 ) -> None:
     """Train a causal LM with RLVR (DAPO + forking-token selection, Clip-Cov or KL-Cov)."""
-    from forkrl.config import ConfigError
-    from forkrl.train.trainer import TrainingStopped, run_training
-
     args = list(overrides or [])
     if config is not None and "=" in config:  # `forkrl train --resume DIR key=value`
         args.insert(0, config)
         config = None
     if config is None and resume is None and not args:
         raise typer.BadParameter("give a config file, key=value overrides, or --resume RUN_DIR")
-    try:
-        run_training(config, args, resume=resume)
-    except (ConfigError, TrainingStopped) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from err
+    if resume is not None and overwrite:
+        raise typer.BadParameter("--resume continues a run and --overwrite starts afresh: give one of them")
+    with user_errors(debug=debug):
+        from forkrl.train.trainer import run_training
+
+        run_training(config, args, resume=resume, overwrite=overwrite)
 
 
 @app.command(
@@ -137,46 +186,59 @@ def eval_command(
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
     device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
-    out: str = typer.Option(None, "--out", help="Directory for eval.json and eval.md."),
+    out: str = typer.Option(
+        None, "--out", help="Directory for eval.json and eval.md (an existing one is moved aside to OUT.old-<time>)."
+    ),
+    debug: bool = DEBUG_OPTION,
 ) -> None:
     """Acc@k and Len@k per benchmark file (the paper's Table 2), as a markdown table and JSON."""
-    from forkrl.eval.accuracy import run_eval_command
+    from forkrl.eval.accuracy import EvalInputError, run_eval_command
 
-    run_eval_command(
-        model,
-        data,
-        k=k,
-        max_new_tokens=max_new_tokens,
-        out=out,
-        temperature=temperature,
-        seed=seed,
-        reward=reward,
-        question_key=question_key,
-        answer_key=answer_key,
-        template=template,
-        batch_size=batch_size,
-        limit=limit,
-        dtype=dtype,
-        device=device,
-        top_p=top_p,
-    )
+    with user_errors(EvalInputError, debug=debug):
+        run_eval_command(
+            model,
+            data,
+            k=k,
+            max_new_tokens=max_new_tokens,
+            out=out,
+            temperature=temperature,
+            seed=seed,
+            reward=reward,
+            question_key=question_key,
+            answer_key=answer_key,
+            template=template,
+            batch_size=batch_size,
+            limit=limit,
+            dtype=dtype,
+            device=device,
+            top_p=top_p,
+        )
 
 
 from forkrl.analysis.cli import app as analyze_app  # noqa: E402  (grouped with its registration)
 
 app.add_typer(analyze_app, name="analyze")
 
+from forkrl.sweep.cli import app as sweep_app  # noqa: E402  (grouped with its registration)
+
+app.add_typer(sweep_app, name="sweep")
+
 
 @app.command("demo", epilog="Example: forkrl demo --steps 50 --strategy top --ratio 0.2 --seed 0 --out runs/demo")
 def demo(
     steps: int = typer.Option(50, "--steps", help="RL steps (each trains on 32 prompts x 8 responses, drawn from 48)."),
-    strategy: str = typer.Option("top", "--strategy", help="top, all, bottom or random."),
+    strategy: str = typer.Option("top", "--strategy", help="top, all, bottom, random or gradient."),
     ratio: float = typer.Option(0.2, "--ratio", help="ρ: fraction of tokens kept by top/bottom/random."),
     seed: int = typer.Option(0, "--seed"),
-    out: str = typer.Option("runs/demo", "--out", help="Run directory (report.md, plots, metrics)."),
+    out: str = typer.Option(
+        "runs/demo",
+        "--out",
+        help="Run directory (report.md, plots, metrics); an earlier demo there is moved aside to OUT.old-<time>.",
+    ),
     eval_problems: int = typer.Option(256, "--eval-problems", help="Held-out problems for Acc@8."),
     base_model: str = typer.Option(None, "--base-model", help="Toy base model dir (default: the shipped one)."),
     overrides: list[str] = typer.Argument(None, help="key=value overrides of the training config, e.g. optim.lr=3e-4"),
+    debug: bool = DEBUG_OPTION,
 ) -> None:
     """Forking-token RLVR end to end on CPU: the toy Countdown task, before/after table, plots, report."""
     from transformers.utils import logging as hf_logging
@@ -184,7 +246,7 @@ def demo(
     from forkrl.toy.demo import run_demo
 
     hf_logging.disable_progress_bar()  # the model is tiny; load/save bars would only clutter the table
-    try:
+    with user_errors(ValueError, debug=debug):
         run_demo(
             steps=steps,
             strategy=strategy,
@@ -195,9 +257,6 @@ def demo(
             eval_problems=eval_problems,
             overrides=overrides or [],
         )
-    except (FileNotFoundError, ValueError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from err
 
 
 toy_app = typer.Typer(help="The embedded toy task and its base model.", no_args_is_help=True)

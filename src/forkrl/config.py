@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
 import os
 import textwrap
 import types
@@ -69,6 +70,10 @@ class DataConfig:
     """Benchmark files evaluated every `trainer.eval_every` steps (Acc@k, Len@k per file)."""
     max_prompts: int = 0
     """Use only the first N training prompts (0 = all)."""
+    max_prompt_tokens: int | None = None
+    """Prompts longer than this many tokens are left out, with the count in the log (verl's
+    `data.max_prompt_length` filter). None = the model's maximum positions minus
+    `rollout.max_new_tokens` (no limit when the model declares none)."""
 
 
 @dataclass
@@ -78,7 +83,11 @@ class RewardConfig:
     function: str = "math"
     """Reward function: `math` (math-verify on the `\\boxed{}` / `Answer:` answer), or `module:function`."""
     timeout_s: float = 5.0
-    """Time limit of one reward call; a call that runs over scores 0 and is counted."""
+    """Time limit of one reward call; a call that runs over scores 0 and is counted. `module:function`
+    rewards run in worker processes, and a call over the limit is killed with its process."""
+    max_failed_fraction: float = 0.5
+    """The run stops when more than this fraction of a step's reward calls fail (raise, time out,
+    or return a non-finite or non-numeric value), showing one failing call; 1 = never stop."""
     overlong_shaping: bool = True
     """DAPO's soft overlong penalty over the last `overlong_cache` tokens before the max length."""
     overlong_cache: int = 4096
@@ -116,7 +125,7 @@ class RolloutConfig:
     `prompts_per_step` oversamples, like verl's `data.gen_batch_size`: the batch fills in fewer
     rounds and informative groups beyond `prompts_per_step` are dropped."""
     decode_phase: int = 0
-    """Tokens per decoding phase (0 = one `generate` call per batch). After each phase only the
+    """Tokens per decoding phase (0 = one phase per batch). After each phase only the
     rows that have not ended go on, so a few long responses stop holding the whole batch; the
     sampled tokens are unchanged (per-row seeds). Full-attention decoders only (the in-place KV
     cache is sliced between phases); others decode in one call."""
@@ -127,14 +136,16 @@ class SelectionConfig:
     """Which tokens carry the policy gradient (paper Eq. 6)."""
 
     strategy: str = "top"
-    """`top` (forking tokens: highest entropy), `all`, `bottom` (lowest entropy), `random` (control)."""
+    """`top` (forking tokens: highest entropy), `all`, `bottom` (lowest entropy), `random` (control),
+    `gradient` (largest ‖∂ log π(o_t)/∂z_t‖₂ = √(1 − 2π(o_t) + Σ_j π_j²) / T, as GMTS)."""
     ratio: float = 0.2
     """ρ: fraction of response tokens kept, exactly ⌈ρ·N⌉ (paper: 0.2)."""
     scope: str = "microbatch"
     """Tokens ranked together: `microbatch` (authors' code), `batch` (the optimizer step on this
     process), `global` (the optimizer step on all processes, TRL's choice)."""
     entropy_source: str = "current"
-    """Entropy used for ranking: `current` policy in the update pass (authors' code) or `old` policy."""
+    """Entropy used for ranking: `current` policy in the update pass (authors' code) or `old` policy
+    (for `gradient`: whose log-prob gradient norm)."""
 
 
 @dataclass
@@ -185,7 +196,9 @@ class TrainerConfig:
     log_samples: int = 4
     """Completions per step written to `samples.jsonl`."""
     max_bad_steps: int = 3
-    """Consecutive steps with a NaN/inf loss or gradient before the run stops."""
+    """Consecutive bad steps before the run stops with a message: optimizer steps with a NaN/inf
+    loss or gradient (skipped), and training steps with no trainable group (every group's rewards
+    equal)."""
     device: str = "auto"
     """`auto` (CUDA if available), `cpu` or `cuda`."""
     strategy: str = "ddp"
@@ -251,14 +264,20 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, str):
             try:  # YAML 1.1 reads "1e-6" as a string
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        # No key means anything by NaN or infinity; an inf learning rate only yields NaN weights.
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -340,7 +359,7 @@ def _validate(cfg: Config, check_files: bool) -> None:
     need(r.top_k >= 0, "rollout.top_k", ">= 0")
     need(r.generation_batch_size >= 1, "rollout.generation_batch_size", ">= 1")
     need(r.max_sampling_rounds >= 1, "rollout.max_sampling_rounds", ">= 1")
-    need(r.decode_phase >= 0, "rollout.decode_phase", ">= 0 (0 = one generate call)")
+    need(r.decode_phase >= 0, "rollout.decode_phase", ">= 0 (0 = one decoding phase)")
     need(r.prompts_per_round >= 0, "rollout.prompts_per_round", ">= 0 (0 = rollout.prompts_per_step)")
     need(
         r.prompts_per_round == 0 or r.dynamic_sampling,
@@ -353,6 +372,13 @@ def _validate(cfg: Config, check_files: bool) -> None:
         "[T_low, T_high, h] with positive temperatures",
     )
     need(cfg.reward.timeout_s > 0, "reward.timeout_s", "> 0 seconds")
+    need(0 <= cfg.reward.max_failed_fraction <= 1, "reward.max_failed_fraction", "a fraction in [0, 1]")
+    need(
+        cfg.data.max_prompt_tokens is None or cfg.data.max_prompt_tokens >= 1,
+        "data.max_prompt_tokens",
+        ">= 1 token, or null for the model's positions minus rollout.max_new_tokens",
+    )
+    need(cfg.data.max_prompts >= 0, "data.max_prompts", ">= 0 (0 = all)")
     need(
         not cfg.reward.overlong_shaping or 0 < cfg.reward.overlong_cache <= r.max_new_tokens,
         "reward.overlong_cache",

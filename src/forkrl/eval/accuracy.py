@@ -37,14 +37,15 @@ import numpy as np
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from forkrl import fast_paths
-from forkrl.io import atomic_write_json, atomic_write_text
+from forkrl.io import atomic_write_json, atomic_write_text, fresh_output_dir
 from forkrl.rollout.base import GenerationBackend, SamplingParams
 from forkrl.rollout.hf import HFGenerationBackend
-from forkrl.tasks.data import PromptExample, load_prompts
+from forkrl.tasks.data import PromptDataError, PromptExample, load_prompts
 from forkrl.tasks.math import DEFAULT_TIMEOUT_S
 from forkrl.tasks.rewards import RewardComputer, RewardFn
 
 __all__ = [
+    "EvalInputError",
     "EvalReport",
     "FileResult",
     "QuestionResult",
@@ -227,17 +228,22 @@ def evaluate_model(
 
     names = _short_names([os.fspath(f) for f in files])
     results = []
-    for source, name in zip(files, names):
-        examples = load_prompts(
-            source, question_key, answer_key, split=split, limit=limit, template=template, tokenizer=tokenizer
-        )
-        if not examples:
-            raise ValueError(f"{os.fspath(source)}: no questions to evaluate")
-        logger.info("eval %s: %d questions x %d samples", name, len(examples), k)
-        result = _evaluate_file(backend, tokenizer, rewards, examples, params, k, batch_size, seed, keep_completions)
-        result.name, result.source = name, os.fspath(source)
-        logger.info("eval %s: Acc@%d %.2f, Len@%d %.1f", name, k, result.acc_at_k, k, result.len_at_k)
-        results.append(result)
+    try:
+        for source, name in zip(files, names):
+            examples = load_prompts(
+                source, question_key, answer_key, split=split, limit=limit, template=template, tokenizer=tokenizer
+            )
+            if not examples:
+                raise ValueError(f"{os.fspath(source)}: no questions to evaluate")
+            logger.info("eval %s: %d questions x %d samples", name, len(examples), k)
+            result = _evaluate_file(
+                backend, tokenizer, rewards, examples, params, k, batch_size, seed, keep_completions
+            )
+            result.name, result.source = name, os.fspath(source)
+            logger.info("eval %s: Acc@%d %.2f, Len@%d %.1f", name, k, result.acc_at_k, k, result.len_at_k)
+            results.append(result)
+    finally:
+        rewards.close()  # its worker processes, if the reward runs in any
 
     config = {
         "model": getattr(getattr(model, "config", None), "name_or_path", None),
@@ -340,6 +346,28 @@ def _short_names(sources: list[str]) -> list[str]:
 # ---------------------------------------------------------------------------- output
 
 
+def evaluate_with_run_config(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg) -> EvalReport:
+    """Acc@k / Len@k on `cfg.data.eval_files` with a run's own settings (`cfg`: a `forkrl.config.Config`):
+    k = `trainer.eval_samples`, the rollout temperature and length limit, the reward, the data keys
+    and template, and the run's seed. The trainer's eval steps and a sweep's final evaluation both
+    call it, so they sample with the same seeds."""
+    return evaluate_model(
+        model,
+        tokenizer,
+        cfg.data.eval_files,
+        k=cfg.trainer.eval_samples,
+        max_new_tokens=cfg.trainer.eval_max_new_tokens or cfg.rollout.max_new_tokens,
+        temperature=cfg.rollout.temperature,
+        reward_fn=cfg.reward.function,
+        question_key=cfg.data.question_key,
+        answer_key=cfg.data.answer_key,
+        template=cfg.data.template,
+        batch_size=cfg.rollout.generation_batch_size,
+        seed=cfg.seed,
+        reward_timeout_s=cfg.reward.timeout_s,
+    )
+
+
 def write_eval_report(report: EvalReport, out_dir: str | os.PathLike, include_details: bool = True) -> Path:
     """Write `eval.json` (with per-question details unless disabled) and `eval.md` into `out_dir`.
 
@@ -355,6 +383,69 @@ def write_eval_report(report: EvalReport, out_dir: str | os.PathLike, include_de
 
 
 # ---------------------------------------------------------------------------- CLI
+
+
+class EvalInputError(ValueError):
+    """A `forkrl eval` argument that cannot work; the message names the option and the value."""
+
+
+def _check_eval_inputs(
+    model: str,
+    data: Sequence[str],
+    k: int,
+    max_new_tokens: int,
+    out: str | None,
+    temperature: float,
+    top_p: float,
+    reward: str | RewardFn,
+    batch_size: int,
+    limit: int | None,
+    question_key: str,
+    answer_key: str,
+    template: str,
+    split: str,
+):
+    """Everything that can be checked before the model loads; returns the tokenizer."""
+    from forkrl.models.loading import check_model_source, load_tokenizer
+
+    for name, value, ok, expected in (
+        ("-k", k, k >= 1, ">= 1 sample per question"),
+        ("--max-new-tokens", max_new_tokens, max_new_tokens >= 1, ">= 1"),
+        ("--batch-size", batch_size, batch_size >= 1, ">= 1"),
+        ("--temperature", temperature, math.isfinite(temperature) and temperature > 0, "> 0"),
+        ("--top-p", top_p, 0 < top_p <= 1, "in (0, 1]"),
+        ("--limit", limit, limit is None or limit >= 1, ">= 1 question"),
+    ):
+        if not ok:
+            raise EvalInputError(f"{name} {value}: expected {expected}")
+    if not data:
+        raise EvalInputError("--data: give at least one benchmark file")
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise EvalInputError(f"--out {out!r}: is a file; expected a directory for eval.json and eval.md")
+    for source in data:
+        looks_local = source.endswith((".jsonl", ".json", ".parquet")) or os.sep in source or source.startswith(".")
+        if looks_local and not os.path.exists(source):
+            raise EvalInputError(f"--data {source!r}: file not found")
+    try:
+        RewardComputer(reward).close()  # imports it: a bad spec fails now, not after sampling
+    except ValueError as err:
+        raise EvalInputError(f"--reward {reward!r}: {str(err).removeprefix(f'reward {reward!r}: ')}") from err
+    try:
+        tokenizer = load_tokenizer(check_model_source(model))
+    except (OSError, ValueError) as err:  # OSError: what transformers raises for a missing Hub repo
+        raise EvalInputError(f"--model {model!r}: {err}") from err
+    for source in data:
+        # Read once here, so a bad row is reported before the model loads (files are small).
+        try:
+            rows = load_prompts(source, question_key, answer_key, split=split, limit=limit, template=template,
+                                tokenizer=tokenizer)  # fmt: skip
+        except PromptDataError:
+            raise
+        except ValueError as err:  # the template
+            raise EvalInputError(f"--template {template!r}: {err}") from err
+        if not rows:
+            raise EvalInputError(f"--data {source!r}: no questions to evaluate")
+    return tokenizer
 
 
 def run_eval_command(
@@ -376,11 +467,17 @@ def run_eval_command(
     top_p: float = 1.0,
     split: str = "test",
 ) -> EvalReport:
-    """`forkrl eval`: load `model` with `load_policy`, evaluate `data`, print the markdown table,
-    and write `eval.json` / `eval.md` into `out` when given."""
+    """`forkrl eval`: check the inputs, load `model` with `load_policy`, evaluate `data`, print the
+    markdown table, and write `eval.json` / `eval.md` into `out` when given (an `out` that already
+    holds files is moved aside to `OUT.old-<time>` first, never overwritten)."""
     from forkrl.models.loading import load_policy
 
-    policy, tokenizer = load_policy(model, dtype=dtype, device=device)
+    _check_eval_inputs(model, data, k, max_new_tokens, out, temperature, top_p, reward, batch_size, limit,
+                       question_key, answer_key, template, split)  # fmt: skip
+    try:
+        policy, tokenizer = load_policy(model, dtype=dtype, device=device)
+    except (OSError, ValueError) as err:
+        raise EvalInputError(f"--model {model!r}: {err}") from err
     fast_paths.reset()
     report = evaluate_model(
         policy,
@@ -406,6 +503,7 @@ def run_eval_command(
     if errors:
         print(f"note: {errors} samples scored 0 because the reward failed (see the log)")
     if out is not None:
-        write_eval_report(report, out)
+        with fresh_output_dir(out):
+            write_eval_report(report, out)
         print(f"wrote {Path(out) / 'eval.json'} and {Path(out) / 'eval.md'}")
     return report

@@ -30,7 +30,8 @@ def score_responses(
     temperature: float = 1.0,
     chunk_size: int | None = None,
     share_prompt: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_grad_norm: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """log π(o_t | q, o_<t) and entropy H_t of softmax(z_t / T) for every response token.
 
     Args:
@@ -45,10 +46,12 @@ def score_responses(
             and the model supports it (`shared_prefix_unsupported`); otherwise, or with False, the
             plain path runs one forward over prompt + response. A model that cannot take it is
             reported to `forkrl.fast_paths` (one warning per run), never skipped silently.
+        return_grad_norm: also return ‖∂ log π(o_t)/∂z_t‖₂ `[B, R]` (no grad, 0 at padding), the
+            ranking of the `gradient` selection strategy, from the same fused LM-head pass.
 
     Returns:
         logprobs `[B, R]` and entropy `[B, R]` in float32, 0 at padding; differentiable w.r.t.
-        the model's parameters when grad is enabled.
+        the model's parameters when grad is enabled. With `return_grad_norm`, a third tensor.
     """
     hidden = None
     if share_prompt and response_ids.shape[1] > 0:
@@ -62,13 +65,17 @@ def score_responses(
         hidden = hidden[:, prompt_len - 1 : -1]  # (B, R, H)
     valid = response_mask.bool()
     weight, bias = get_lm_head(unwrap_peft(model))
-    logprobs_valid, entropy_valid = fused_linear_logprobs_and_entropy(
-        hidden[valid].to(weight.dtype), weight, response_ids[valid], bias, temperature, chunk_size
-    )  # (N_valid,) each
-    zeros = torch.zeros(response_ids.shape, dtype=logprobs_valid.dtype, device=response_ids.device)
-    logprobs = zeros.masked_scatter(valid, logprobs_valid)
-    entropy = zeros.masked_scatter(valid, entropy_valid)
-    return logprobs, entropy
+    outputs = fused_linear_logprobs_and_entropy(
+        hidden[valid].to(weight.dtype),
+        weight,
+        response_ids[valid],
+        bias,
+        temperature,
+        chunk_size,
+        return_grad_norm=return_grad_norm,
+    )  # (N_valid,) each: logprobs, entropy[, grad_norm]
+    zeros = torch.zeros(response_ids.shape, dtype=outputs[0].dtype, device=response_ids.device)
+    return tuple(zeros.masked_scatter(valid, values) for values in outputs)
 
 
 def prompt_groups(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,5 +228,15 @@ class ResponseScorer(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, prompt_ids, prompt_mask, response_ids, response_mask, temperature: float = 1.0):
-        return score_responses(self.model, prompt_ids, prompt_mask, response_ids, response_mask, temperature)
+    def forward(
+        self, prompt_ids, prompt_mask, response_ids, response_mask, temperature: float = 1.0, return_grad_norm=False
+    ):
+        return score_responses(
+            self.model,
+            prompt_ids,
+            prompt_mask,
+            response_ids,
+            response_mask,
+            temperature,
+            return_grad_norm=return_grad_norm,
+        )

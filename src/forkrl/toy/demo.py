@@ -27,15 +27,13 @@ from forkrl.io import atomic_write_json, atomic_write_text, pyplot, save_figure
 from forkrl.models.loading import load_policy
 from forkrl.rollout.base import SamplingParams
 from forkrl.rollout.hf import HFGenerationBackend
-from forkrl.tasks.countdown import generate_problems, problems_to_examples, score_countdown, write_problems_jsonl
-from forkrl.toy.build import BUILD_INFO_FILE
+from forkrl.tasks.countdown import problems_to_examples, score_countdown, write_problems_jsonl
+from forkrl.toy.recipe import SHIPPED_MODEL, toy_config_dict, toy_problems
 
-SHIPPED_MODEL = Path(__file__).parent / "base_model"
 DECODE_PHASE = 64
 """`rollout.decode_phase` of the demo's rollouts and evaluations: every 64 tokens only unfinished
 rows go on, so a few long traces stop holding the whole batch (same tokens; generation 0.82x on
 the base model's 384-row batches, 0.63x over the demo's training steps: benchmarks/decode_phase.py)."""
-"""The toy base model shipped inside the package (built by `forkrl toy build --seed 0`)."""
 
 
 def _classify_line_tokens(pieces: list[str]) -> list[str]:
@@ -229,49 +227,57 @@ def run_demo(
     eval_k: int = 8,
     overrides: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Run the whole demo; returns the before/after numbers (also in `OUT/report.json`)."""
+    """Run the whole demo; returns the before/after numbers (also in `OUT/report.json`).
+
+    An earlier demo in `out` is kept, renamed `OUT.old-YYYYmmdd-HHMMSS` once this one's config is
+    known to be good (so `make demo` twice in a row just works and never mixes two runs in one
+    report); `out` is locked while the demo runs, so a second demo into it stops at once.
+    """
+    from forkrl.train.run_dir import RunDirectory
+
+    with RunDirectory(out, "overwrite") as run:
+        return _run_demo(
+            steps, strategy, ratio, seed, Path(out), base_model, eval_problems, eval_k, overrides, run.prepare
+        )
+
+
+def _run_demo(
+    steps: int,
+    strategy: str,
+    ratio: float,
+    seed: int,
+    out: Path,
+    base_model: str | os.PathLike | None,
+    eval_problems: int,
+    eval_k: int,
+    overrides: list[str] | None,
+    prepare_out,
+) -> dict[str, Any]:
     started = time.perf_counter()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     base = Path(base_model) if base_model else SHIPPED_MODEL
     if not (base / "config.json").is_file():
         raise FileNotFoundError(f"no toy base model at {base}: build one with `forkrl toy build --seed 0 --out {base}`")
-    build = json.loads((base / BUILD_INFO_FILE).read_text())["config"] if (base / BUILD_INFO_FILE).is_file() else {}
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    gen = {k: build[k] for k in ("num_numbers", "max_number", "max_target", "max_value") if k in build}
-    max_new_tokens = int(build.get("eval_max_new_tokens", 320))
-    train_problems = generate_problems(4096, seed, "train", unique=False, **gen)
     # The same held-out problems as the build's evaluation (fixed seed), whatever the demo seed.
-    test_problems = generate_problems(eval_problems, int(build.get("eval_seed", 1234)), "test", **gen)
-    write_problems_jsonl(out / "data" / "train.jsonl", train_problems)
-    write_problems_jsonl(out / "data" / "test.jsonl", test_problems)
+    train_problems, test_problems = toy_problems(seed, base, eval_problems)
     test_examples = problems_to_examples(test_problems)
 
-    # The config first: a bad override fails before any measuring.
+    # The config first: a bad override fails before any measuring. The hyperparameters are the
+    # recipe's (configs/toy_countdown.yaml, also the toy sweep's CONFIG); the command line sets
+    # the selection and the number of steps.
+    recipe = toy_config_dict(seed, out / "run", out / "data" / "train.jsonl", base=base)
+    recipe["selection"].update(strategy=strategy, ratio=ratio)
+    recipe["trainer"]["total_steps"] = steps
+    max_new_tokens = recipe["rollout"]["max_new_tokens"]
     cfg = config_from_dict(
-        {
-            "seed": seed,
-            "output_dir": str(out / "run"),
-            "model": {"name": str(base), "dtype": "float32"},
-            "data": {"train_files": [str(out / "data" / "train.jsonl")], "template": "countdown"},
-            "reward": {"function": "countdown", "overlong_shaping": False},
-            "rollout": {
-                "prompts_per_step": 32,
-                "group_size": 8,
-                "max_new_tokens": max_new_tokens,
-                "generation_batch_size": 384,
-                # Dynamic sampling in one round: 48 prompts drawn, the first 32 informative groups
-                # trained (a second round for a few missing groups would cost a whole generation).
-                "prompts_per_round": 48,
-                "max_sampling_rounds": 1,
-                "decode_phase": DECODE_PHASE,
-            },
-            "selection": {"strategy": strategy, "ratio": ratio},
-            "optim": {"lr": 5e-4, "mini_batch_size": 16, "micro_batch_size": 64, "weight_decay": 0.0},
-            "trainer": {"total_steps": steps, "save_every": 0, "device": "cpu", "log_samples": 4},
-        },
+        recipe,
         overrides,
+        check_files=False,  # the data files are written just below, once the config is known to be good
     )
+    prepare_out()  # nothing is written into OUT before this point
+    write_problems_jsonl(out / "data" / "train.jsonl", train_problems)
+    write_problems_jsonl(out / "data" / "test.jsonl", test_problems)
     model, tokenizer = load_policy(base, dtype="float32", device="cpu")
     fast_paths.reset()
     before = measure(model, tokenizer, test_examples, eval_k, max_new_tokens, seed=seed + 1)

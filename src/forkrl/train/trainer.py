@@ -21,8 +21,10 @@ one-process update on the same global batch.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -34,26 +36,44 @@ import torch.distributed as dist
 from forkrl import fast_paths
 from forkrl.algo.advantages import compute_advantages
 from forkrl.algo.losses import PolicyLossInput, compute_policy_loss, loss_denominators
-from forkrl.config import Config, dump_config, load_config
+from forkrl.config import Config, ConfigError, dump_config, load_config
 from forkrl.distributed import is_distributed
-from forkrl.io import atomic_write_text
 from forkrl.metrics import MetricSums
 from forkrl.models.loading import load_policy
 from forkrl.models.scoring import ResponseScorer
 from forkrl.ops.selection import select_tokens
 from forkrl.rollout.base import Rollout, SamplingParams
 from forkrl.rollout.hf import HFGenerationBackend
-from forkrl.tasks.data import PromptExample, PromptSampler, load_prompts
-from forkrl.tasks.rewards import RewardComputer, overlong_penalty
-from forkrl.train.checkpoint import latest_checkpoint, load_trainer_state, restore_rng_state, save_checkpoint
+from forkrl.tasks.data import PromptExample, PromptSampler
+from forkrl.tasks.rewards import overlong_penalty
+from forkrl.train.checkpoint import (
+    CheckpointError,
+    all_finite,
+    check_shapes,
+    parse_resume_target,
+    restore_rng_state,
+    save_checkpoint,
+    select_checkpoint,
+)
 from forkrl.train.fsdp import gathered, shard_scorer
-from forkrl.train.logging import RunLogger, truncate_jsonl_after_step
+from forkrl.train.inputs import checked_tokenizer, load_training_examples, make_rewarder
+from forkrl.train.logging import RunLogger
+from forkrl.train.run_dir import RunDirectory
+from forkrl.train.signals import GracefulStop
 
 PERCENTILES = tuple(range(0, 101, 10))
 
 
 class TrainingStopped(RuntimeError):
-    """Raised when the run cannot go on (e.g. too many consecutive NaN/inf steps)."""
+    """Raised when the run cannot go on (e.g. too many consecutive NaN/inf steps); names the cause."""
+
+
+class TrainingInterrupted(TrainingStopped):
+    """SIGTERM/SIGINT: the step in progress was finished and checkpointed; `--resume` continues."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
 
 
 @dataclass
@@ -97,7 +117,10 @@ def init_distributed(device_pref: str) -> tuple[int, int, torch.device]:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume_from: str | os.PathLike | None = None):
+    def __init__(self, cfg: Config, resume_from: str | os.PathLike | None = None, run_dir: RunDirectory | None = None):
+        """`resume_from`: a run directory (its newest valid checkpoint) or one `checkpoints/step_N`.
+        `run_dir`: the locked `RunDirectory` of `cfg.output_dir` (see `run_training`); without
+        one, the directory is only checked (a new run needs it empty), not locked."""
         self.cfg = cfg
         fast_paths.reset()  # this run's record of the fast paths it used or declined
         self.rank, self.world, self.device = init_distributed(cfg.trainer.device)
@@ -117,6 +140,18 @@ class Trainer:
         self.updates_per_step = (r.prompts_per_step // o.mini_batch_size) * o.epochs
         self.group = dist.group.WORLD if is_distributed() else None
 
+        # Everything that does not need the model is checked before it loads (minutes for an 8B
+        # model), and nothing is written to the run directory until the model has loaded too.
+        self.run = run_dir or RunDirectory(cfg.output_dir, "resume" if resume_from is not None else "new")
+        if self.is_main and run_dir is None:
+            self.run.check()
+        resume_path = resume_state = resume_shapes = None
+        if resume_from is not None:
+            resume_path, resume_state, resume_shapes = self._select_checkpoint(resume_from)
+        self.tokenizer = checked_tokenizer(cfg)
+        self.examples = load_training_examples(cfg, self.tokenizer)
+        self.rewarder = make_rewarder(cfg)
+
         torch.manual_seed(cfg.seed)
         on_gpu = self.device.type == "cuda"
         dtype = cfg.model.dtype
@@ -124,7 +159,7 @@ class Trainer:
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu and dtype == "auto" else contextlib.nullcontext()
         )
-        self.model, self.tokenizer = load_policy(
+        self.model, self.tokenizer = self._load_policy(
             cfg.model.name,
             dtype="float32" if dtype == "auto" else dtype,
             device=self.device,
@@ -137,13 +172,17 @@ class Trainer:
         )
         self.ref_model = None
         if cfg.loss.ref_kl_coef > 0:
-            self.ref_model, _ = load_policy(
+            self.ref_model, _ = self._load_policy(
                 cfg.model.name, dtype="float32" if dtype == "auto" else dtype, device=self.device
             )
             self.ref_model.eval().requires_grad_(False)
         # The checkpoint's weights go in before any wrapping (FSDP2 then shards them).
-        resume_path = self._checkpoint_to_resume(Path(resume_from)) if resume_from is not None else None
         if resume_path is not None:
+            expected = {k: v.shape for k, v in self.model.state_dict().items()}
+            try:
+                check_shapes(resume_path, resume_shapes, expected)
+            except CheckpointError as err:
+                raise TrainingStopped(str(err)) from err
             self._load_weights(resume_path)
         # policy_scorer: the model as one module (for no-grad scoring); scorer: what the update calls.
         self.policy_scorer = ResponseScorer(self.model)
@@ -171,42 +210,34 @@ class Trainer:
             self.optimizer, lambda i: _lr_factor(i, o.warmup_steps, total_updates, o.schedule)
         )
 
-        self.examples = self._load_examples()
         self.sampler = PromptSampler(len(self.examples), cfg.seed, self.rank, self.world)
-        self.rewarder = RewardComputer(cfg.reward.function, timeout_s=cfg.reward.timeout_s)
         self.step = 0
         self.bad_steps = 0
+        self.bad_cause = ""
         if resume_path is not None:
-            self._resume_state(resume_path)
+            self._resume_state(resume_state)
+        self.stop = GracefulStop()
         self.logger = None
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
+            self.run.prepare(dump_config(cfg), resume_step=self.step if resume_path is not None else None)
             self.logger = RunLogger(self.run_dir, cfg.trainer.tensorboard, cfg.trainer.wandb_project)
 
     # ------------------------------------------------------------------ setup helpers
 
-    def _load_examples(self) -> list[PromptExample]:
-        d = self.cfg.data
-        examples = []
-        for source in d.train_files:
-            examples += load_prompts(
-                source, d.question_key, d.answer_key, template=d.template, tokenizer=self.tokenizer
-            )
-        if d.max_prompts:
-            examples = examples[: d.max_prompts]
-        if not examples:
-            raise TrainingStopped(f"no training prompts in {d.train_files}")
-        for i, ex in enumerate(examples):
-            ex.index = i
-        return examples
+    def _select_checkpoint(self, resume_from: str | os.PathLike):
+        """(path, trainer state, tensor shapes) of the validated checkpoint to resume from."""
+        run_dir, step_dir = parse_resume_target(resume_from)
+        try:
+            return select_checkpoint(run_dir, step_dir)
+        except CheckpointError as err:
+            raise TrainingStopped(str(err)) from err
 
     @staticmethod
-    def _checkpoint_to_resume(run_dir: Path) -> Path:
-        path = latest_checkpoint(run_dir)
-        if path is None:
-            raise TrainingStopped(f"--resume {run_dir}: no checkpoint found under {run_dir / 'checkpoints'}")
-        return path
+    def _load_policy(name: str, **kwargs):
+        try:
+            return load_policy(name, **kwargs)
+        except (OSError, ValueError, ImportError) as err:  # a missing repo or file, a bad dtype, no peft
+            raise ConfigError(f"model.name = {name!r}: {err}") from err
 
     def _load_weights(self, path: Path) -> None:
         from safetensors.torch import load_file
@@ -227,10 +258,9 @@ class Trainer:
                     f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}"
                 )
 
-    def _resume_state(self, path: Path) -> None:
+    def _resume_state(self, trainer_state: dict) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        trainer_state = load_trainer_state(path)
         # Full (unsharded) optimizer state keyed by parameter name: the same file resumes a run on
         # one process, under DDP or under FSDP2, whatever the process count.
         set_optimizer_state_dict(
@@ -244,9 +274,6 @@ class Trainer:
         self.step = trainer_state["step"]
         self.sampler.load_state_dict(trainer_state["trainer"]["sampler"])
         self.bad_steps = trainer_state["trainer"].get("bad_steps", 0)
-        if self.is_main:
-            truncate_jsonl_after_step(self.run_dir / "metrics.jsonl", self.step)
-            truncate_jsonl_after_step(self.run_dir / "samples.jsonl", self.step)
 
     def save(self) -> Path | None:
         """Checkpoint on the main process. With LoRA, the checkpoint's model is a merged copy
@@ -257,6 +284,12 @@ class Trainer:
             get_optimizer_state_dict,
         )
 
+        if not self._weights_finite():
+            raise TrainingStopped(
+                f"the weights hold NaN/inf after step {self.step} and were not checkpointed "
+                f"(earlier checkpoints under {self.run_dir / 'checkpoints'} are intact); lower optim.lr "
+                "or check the loss"
+            )
         path = None
         # Full state dicts in the main process's CPU memory. Under FSDP2 gathering them is a
         # collective (every process calls); otherwise the main process's own copy is the whole.
@@ -301,6 +334,22 @@ class Trainer:
             dist.barrier()
         return path
 
+    def _weights_finite(self) -> bool:
+        """No NaN/inf in any trainable weight, on any process (one collective when distributed)."""
+        ok = torch.tensor(float(all_finite(p for p in self.model.parameters() if p.requires_grad)))
+        if is_distributed():
+            ok = ok.to(self.device)
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok.item())
+
+    def _any_process(self, flag: bool) -> bool:
+        """Whether `flag` holds on some process (all stop together, or a collective would hang)."""
+        if not is_distributed():
+            return flag
+        value = torch.tensor(float(flag), device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
     # ------------------------------------------------------------------ 1–3: rollouts, rewards, advantages
 
     def _sample_round(self) -> tuple[Rollout, list[PromptExample]]:
@@ -331,6 +380,8 @@ class Trainer:
         cfg, g = self.cfg, self.cfg.rollout.group_size
         kept: list[tuple[Rollout, list[PromptExample], torch.Tensor, torch.Tensor]] = []
         num_kept_groups = 0
+        reward_calls = reward_failed = 0
+        first_failure = None
         for round_index in range(cfg.rollout.max_sampling_rounds):
             t0 = time.perf_counter()
             rollout, examples = self._sample_round()
@@ -339,6 +390,11 @@ class Trainer:
             texts = self.tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)
             scored = self.rewarder(texts, examples)
             timings["reward_s"] += time.perf_counter() - t0
+            reward_calls += len(texts)
+            reward_failed += scored.num_failed
+            first_failure = first_failure or scored.first_failure
+            # Checked every round: a broken reward stops the run before another generation.
+            self._check_reward_failures(reward_failed, reward_calls, first_failure)
             task = torch.tensor(scored.scores, dtype=torch.float32)
             lengths = rollout.response_lengths.cpu()
             shaped = task.clone()
@@ -402,6 +458,22 @@ class Trainer:
         adv = compute_advantages(shaped, g, cfg.advantage.estimator, cfg.advantage.std_eps)
         return StepBatch(rollout.to(self.device), examples, task, shaped, adv.advantages.to(self.device))
 
+    def _check_reward_failures(self, failed: int, calls: int, example: str | None) -> None:
+        """Stop when more than `reward.max_failed_fraction` of this step's reward calls failed
+        (summed over processes): a reward that is broken trains on nothing but zeros."""
+        counts = torch.tensor([float(failed), float(calls)])
+        if is_distributed():
+            counts = counts.to(self.device)
+            dist.all_reduce(counts)
+        failed_all, calls_all = (int(x) for x in counts.tolist())
+        limit = self.cfg.reward.max_failed_fraction
+        if calls_all and failed_all > limit * calls_all:
+            shown = example or "(the failing calls ran on another process; see its log)"
+            raise TrainingStopped(
+                f"reward {self.cfg.reward.function!r}: {failed_all} of {calls_all} calls failed in step "
+                f"{self.step + 1} (more than reward.max_failed_fraction = {limit:g}); for example, {shown}"
+            )
+
     # ------------------------------------------------------------------ 4–5: old log-probs, updates
 
     def _micro_slices(self, rows: range) -> list[slice]:
@@ -409,7 +481,8 @@ class Trainer:
         return [slice(i, min(i + mb, rows.stop)) for i in range(rows.start, rows.stop, mb)]
 
     @torch.no_grad()
-    def _score_no_grad(self, scorer, ro: Rollout, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    def _score_no_grad(self, scorer, ro: Rollout, rows: slice, grad_norm: bool = False) -> tuple[torch.Tensor, ...]:
+        """(logprobs, entropy) of `rows`, plus the log-prob gradient norms with `grad_norm`."""
         with self.autocast:
             return scorer(
                 ro.prompt_ids[rows],
@@ -417,11 +490,12 @@ class Trainer:
                 ro.response_ids[rows],
                 ro.response_mask[rows],
                 self.cfg.rollout.temperature,
+                return_grad_norm=grad_norm,
             )
 
-    def _score_all(self, scorer, ro: Rollout, rows: range) -> tuple[torch.Tensor, torch.Tensor]:
-        parts = [self._score_no_grad(scorer, ro, s) for s in self._micro_slices(rows)]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    def _score_all(self, scorer, ro: Rollout, rows: range, grad_norm: bool = False) -> tuple[torch.Tensor, ...]:
+        parts = [self._score_no_grad(scorer, ro, s, grad_norm) for s in self._micro_slices(rows)]
+        return tuple(torch.cat(outputs) for outputs in zip(*parts))
 
     def update(self, batch: StepBatch, timings: dict[str, float], stats: MetricSums) -> None:
         cfg, sel = self.cfg, self.cfg.selection
@@ -433,9 +507,12 @@ class Trainer:
         on_policy = cfg.optim.epochs == 1 and len(minis) == 1
         self.model.train()
         t0 = time.perf_counter()
-        old_logp = old_ent = ref_logp = None
+        old_logp = old_ent = old_gn = ref_logp = None
+        # `gradient` selection ranks by ‖∂ log π/∂z‖, returned by the same scoring passes as the entropy
+        with_gn = sel.strategy == "gradient"
         if not on_policy:
-            old_logp, old_ent = self._score_all(self.policy_scorer, ro, range(n_rows))
+            old_logp, old_ent, *old_gn = self._score_all(self.policy_scorer, ro, range(n_rows), with_gn)
+            old_gn = old_gn[0] if old_gn else None
         if self.ref_model is not None:
             ref_logp, _ = self._score_all(self.ref_scorer, ro, range(n_rows))
         timings["old_logprobs_s"] += time.perf_counter() - t0
@@ -452,12 +529,15 @@ class Trainer:
                 kept_mask = None
                 if sel.scope in ("batch", "global") and sel.strategy != "all":
                     # Rank all of the mini-batch's tokens before the first backward.
+                    gn = None
                     if sel.entropy_source == "old" or (old_ent is not None and epoch == 0 and mini_index == 0):
                         ent = old_ent[rows.start : rows.stop] if old_ent is not None else None
+                        gn = old_gn[rows.start : rows.stop] if old_gn is not None else None
                     else:
                         ent = None
                     if ent is None:
-                        ent = self._score_all(self.policy_scorer, ro, rows)[1]
+                        _, ent, *gn = self._score_all(self.policy_scorer, ro, rows, with_gn)
+                        gn = gn[0] if gn else None
                     chosen = select_tokens(
                         ent,
                         ro.response_mask[rows.start : rows.stop],
@@ -465,6 +545,7 @@ class Trainer:
                         sel.ratio,
                         group=group,
                         generator=generator,
+                        grad_norm=gn,
                     )
                     kept_mask = chosen.mask
                     _add_selection_stats(stats, chosen)
@@ -474,12 +555,15 @@ class Trainer:
                     sync = self._gradient_sync(last)
                     with sync:
                         with self.autocast:
-                            logp, ent = self.scorer(
+                            logp, ent, *gn = self.scorer(
                                 ro.prompt_ids[s],
                                 ro.prompt_mask[s],
                                 ro.response_ids[s],
                                 ro.response_mask[s],
                                 cfg.rollout.temperature,
+                                return_grad_norm=with_gn
+                                and kept_mask is None
+                                and (sel.entropy_source == "current" or old_ent is None),
                             )
                         mask = ro.response_mask[s]
                         if kept_mask is not None:
@@ -487,8 +571,12 @@ class Trainer:
                         elif sel.strategy == "all":
                             kept = None
                         else:
-                            source = ent if sel.entropy_source == "current" or old_ent is None else old_ent[s]
-                            chosen = select_tokens(source, mask, sel.strategy, sel.ratio, generator=generator)
+                            current = sel.entropy_source == "current" or old_ent is None
+                            source = ent if current else old_ent[s]
+                            gn_source = (gn[0] if gn else None) if current else (None if old_gn is None else old_gn[s])
+                            chosen = select_tokens(
+                                source, mask, sel.strategy, sel.ratio, generator=generator, grad_norm=gn_source
+                            )
                             kept = chosen.mask
                             _add_selection_stats(stats, chosen)
                         inp = PolicyLossInput(
@@ -525,16 +613,20 @@ class Trainer:
             self.optimizer.step()
             self.scheduler.step()
             self.bad_steps = 0
+            self.bad_cause = ""
             stats.add("grad_norm", grad_norm, 1)
         else:
             self.bad_steps += 1
             stats.add("skipped_updates", torch.tensor(1.0 / self.world), None)
         self.optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(grad_norm):
+            self.bad_cause = "optimizer steps had a NaN/inf loss or gradient and were skipped"
         if self.bad_steps >= self.cfg.trainer.max_bad_steps:
             path = self.save()
             raise TrainingStopped(
-                f"{self.bad_steps} consecutive optimizer steps had a NaN/inf loss or gradient and were skipped; "
-                f"stopping. The weights are those of the last good step, saved at {path or self.run_dir}."
+                f"{self.bad_steps} consecutive {self.bad_cause}; stopping "
+                f"(trainer.max_bad_steps = {self.cfg.trainer.max_bad_steps}). "
+                f"The weights are those of the last good step, saved at {path or self.run_dir}."
             )
 
     def evaluate(self) -> dict[str, float]:
@@ -551,24 +643,10 @@ class Trainer:
     def _evaluate_main(self) -> dict[str, float]:
         """Acc@k / Len@k on `data.eval_files` with this process's (full) weights."""
         cfg, metrics = self.cfg, {}
-        from forkrl.eval.accuracy import evaluate_model, write_eval_report
+        from forkrl.eval.accuracy import evaluate_with_run_config, write_eval_report
 
         with self.autocast:
-            report = evaluate_model(
-                self.model,
-                self.tokenizer,
-                cfg.data.eval_files,
-                k=cfg.trainer.eval_samples,
-                max_new_tokens=cfg.trainer.eval_max_new_tokens or cfg.rollout.max_new_tokens,
-                temperature=cfg.rollout.temperature,
-                reward_fn=cfg.reward.function,
-                question_key=cfg.data.question_key,
-                answer_key=cfg.data.answer_key,
-                template=cfg.data.template,
-                batch_size=cfg.rollout.generation_batch_size,
-                seed=cfg.seed,
-                reward_timeout_s=cfg.reward.timeout_s,
-            )
+            report = evaluate_with_run_config(self.model, self.tokenizer, cfg)
         write_eval_report(report, self.run_dir / "eval" / f"step_{self.step:06d}")
         for result in report.results:
             metrics[f"eval/{result.name}/acc_at_k"] = result.acc_at_k
@@ -578,9 +656,26 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> dict[str, float]:
+        """Run to `trainer.total_steps` and return the last step's metrics. A SIGTERM/SIGINT ends
+        the run after the step in progress, checkpointed (`TrainingInterrupted`)."""
+        progress = _progress(self.is_main, self.cfg.trainer.total_steps, self.step)
+        try:
+            with self.stop:
+                return self._train_loop(progress)
+        finally:
+            progress.close()
+            self.close()
+
+    def close(self) -> None:
+        """Stop the reward workers and close the logs (the run directory's lock belongs to its owner)."""
+        self.rewarder.close()
+        if self.logger is not None:
+            self.logger.close()
+            self.logger = None
+
+    def _train_loop(self, progress: _progress) -> dict[str, float]:
         cfg = self.cfg
         last: dict[str, float] = {}
-        progress = _progress(self.is_main, cfg.trainer.total_steps, self.step)
         while self.step < cfg.trainer.total_steps:
             t_step = time.perf_counter()
             timings = {"generate_s": 0.0, "reward_s": 0.0, "old_logprobs_s": 0.0, "update_s": 0.0}
@@ -610,17 +705,39 @@ class Trainer:
                 self.logger.log(self.step, metrics)
             progress.advance(self.step, metrics)
             last = metrics
+            if batch is None:
+                self._count_step_without_groups(metrics)
             if (
                 cfg.trainer.save_every
                 and self.step % cfg.trainer.save_every == 0
                 and self.step < cfg.trainer.total_steps
             ):
                 self.save()
+            if self._any_process(self.stop.requested):
+                path = self.save()
+                signum = self.stop.signum or signal.SIGTERM
+                raise TrainingInterrupted(
+                    signum,
+                    f"stopped by {signal.Signals(signum).name} after step {self.step}; checkpoint saved at "
+                    f"{path or self.run_dir}; continue with: forkrl train --resume {self.run_dir}",
+                )
         self.save()
-        progress.close()
-        if self.logger is not None:
-            self.logger.close()
         return last
+
+    def _count_step_without_groups(self, metrics: dict[str, float]) -> None:
+        """A step with no trainable group is a bad step: `trainer.max_bad_steps` in a row stop the run."""
+        self.bad_steps += 1
+        self.bad_cause = (
+            "training steps had no trainable group (every group's rewards were equal; last step: "
+            f"accuracy {metrics.get('accuracy', float('nan')):.3f}, "
+            f"{metrics.get('reward_errors', 0):.0f} reward errors, {metrics.get('reward_timeouts', 0):.0f} timeouts)"
+        )
+        if self.bad_steps >= self.cfg.trainer.max_bad_steps:
+            path = self.save()
+            raise TrainingStopped(
+                f"{self.bad_steps} consecutive {self.bad_cause}; stopping "
+                f"(trainer.max_bad_steps = {self.cfg.trainer.max_bad_steps}; checkpoint {path or self.run_dir})"
+            )
 
 
 def _select_rows(ro: Rollout, idx: torch.Tensor) -> Rollout:
@@ -687,15 +804,61 @@ class _progress:
             self.bar.stop()
 
 
-def run_training(config_path: str | None, overrides: list[str], resume: str | None = None) -> dict[str, float]:
-    """`forkrl train`: load (or, on resume, re-read the run's saved) config, train, return last metrics."""
+def run_training(
+    config_path: str | None, overrides: list[str], resume: str | None = None, overwrite: bool = False
+) -> dict[str, float]:
+    """`forkrl train`: resolve the config, lock the run directory, train; return the last metrics.
+
+    New run: `config_path` + `overrides`; the run directory must be empty, or `overwrite` moves
+    the old one aside. Resume (`resume` = RUN_DIR or RUN_DIR/checkpoints/step_N): the run's
+    saved `config.yaml` + `overrides` (e.g. `trainer.total_steps=2000`); a config file or an
+    `output_dir` override is refused, as the run directory and its config are the run's own.
+    """
     if resume is not None:
-        saved = Path(resume) / "config.yaml"
-        if not saved.is_file():
-            raise TrainingStopped(f"--resume {resume}: {saved} not found (is it a forkrl run directory?)")
-        cfg = load_config(str(saved), [*overrides, f"output_dir={resume}"])
+        cfg = _resume_config(resume, config_path, overrides)
     else:
         cfg = load_config(config_path, overrides)
     np.random.seed(cfg.seed % (2**32))
-    trainer = Trainer(cfg, resume_from=resume)
-    return trainer.train()
+    # Only the main process writes the run directory, so only it locks it.
+    main = int(os.environ.get("RANK", "0")) == 0
+    mode = "resume" if resume is not None else ("overwrite" if overwrite else "new")
+    run = RunDirectory(cfg.output_dir, mode)
+    with run if main else contextlib.nullcontext():
+        trainer = Trainer(cfg, resume_from=resume, run_dir=run)
+        return trainer.train()
+
+
+def _resume_config(resume: str, config_path: str | None, overrides: list[str]) -> Config:
+    """The resumed run's saved config with `overrides` applied; changed keys are printed."""
+    run_dir, _ = parse_resume_target(resume)
+    if config_path is not None:
+        raise ConfigError(
+            f"--resume {resume} continues with the run's own {run_dir / 'config.yaml'}; give no config file "
+            f"({config_path}), and change keys with key=value overrides (e.g. trainer.total_steps=200)"
+        )
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"--resume {resume}: {saved} not found (is it a forkrl run directory?)")
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.strip() == "output_dir" and Path(value.strip()).resolve() != run_dir.resolve():
+            raise ConfigError(
+                f"output_dir = {value.strip()!r}: a resumed run stays in its directory {run_dir}; "
+                "copy the directory first to continue it elsewhere"
+            )
+    before = load_config(str(saved), [f"output_dir={run_dir}"], check_files=False)
+    cfg = load_config(str(saved), [*overrides, f"output_dir={run_dir}"])
+    changed = _changed_keys(dataclasses.asdict(before), dataclasses.asdict(cfg))
+    if changed:
+        print(f"resume: overrides change {', '.join(changed)}", flush=True)
+    return cfg
+
+
+def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in new.items():
+        if isinstance(value, dict):
+            out += _changed_keys(old.get(key, {}), value, f"{prefix}{key}.")
+        elif old.get(key) != value:
+            out.append(f"{prefix}{key} {old.get(key)!r} -> {value!r}")
+    return out
