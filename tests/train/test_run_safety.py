@@ -36,6 +36,18 @@ def _train(*args):
     return CliRunner().invoke(app, ["train", *args])
 
 
+def _start_train(args: list[str]) -> subprocess.Popen:
+    """`forkrl train ARGS` in a child process (1 thread), its output captured as text."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "forkrl.cli", "train", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
 def _steps(run: Path, name: str = "metrics.jsonl") -> list[int]:
     return [json.loads(line)["step"] for line in (run / name).read_text().splitlines()]
 
@@ -138,14 +150,7 @@ def test_concurrent_train_into_one_directory(tiny_model_dir, prompts_file, tmp_p
             "trainer.save_every": 2,
         },
     )
-    first = subprocess.Popen(
-        [sys.executable, "-m", "forkrl.cli", "train", *args],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    first = _start_train(args)
     try:
         owner = tmp_path / ".run.lock.owner"
         deadline = time.monotonic() + 120
@@ -458,20 +463,7 @@ def test_sigterm_mid_run_checkpoints_and_resume_is_bit_exact(tiny_model_dir, pro
     common = {"reward.function": "tests.train.reward_fns:slow_vowel_fraction", "trainer.total_steps": 5}
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     run_training(None, tiny_overrides(tiny_model_dir, prompts_file, str(straight), **common))
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "forkrl.cli",
-            "train",
-            *tiny_overrides(tiny_model_dir, prompts_file, str(stopped), **common),
-        ],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    proc = _start_train(tiny_overrides(tiny_model_dir, prompts_file, str(stopped), **common))
     try:
         metrics = stopped / "metrics.jsonl"
         deadline = time.monotonic() + 120
