@@ -21,7 +21,7 @@ from forkrl.analysis.evolution import run_evolution
 from forkrl.analysis.law import run_law
 from forkrl.analysis.overlap import run_overlap
 from forkrl.analysis.shift import run_shift
-from forkrl.analysis.store import run_score, run_store
+from forkrl.analysis.store import StoreOptions, run_score, run_store
 from forkrl.analysis.temperature import run_temperature
 from forkrl.tasks.countdown import generate_problems, write_problems_jsonl
 from forkrl.toy.demo import SHIPPED_MODEL
@@ -59,8 +59,8 @@ def main() -> None:
     ckpts = sorted((runs["top20"] / "checkpoints").iterdir())
     store = out / "store"
     if not store.is_dir():
-        run_store(str(SHIPPED_MODEL), str(store), data=str(out / "test.jsonl"), k=8, max_new_tokens=max_tokens,
-                  batch_size=256, reward="countdown", template="countdown", device="cpu")  # fmt: skip
+        options = StoreOptions(k=8, max_new_tokens=max_tokens, batch_size=256, reward="countdown", template="countdown")
+        run_store(str(SHIPPED_MODEL), str(store), data=str(out / "test.jsonl"), options=options, device="cpu")
         for ckpt in ckpts:
             run_score(str(store), str(ckpt), name=ckpt.name, device="cpu")
     a = out / "analysis"

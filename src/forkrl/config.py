@@ -23,12 +23,28 @@ from typing import Any
 import yaml
 
 from forkrl.algo.advantages import ADVANTAGE_ESTIMATORS
-from forkrl.algo.losses import NORMALIZERS, POLICY_LOSSES, SELECTION_SCOPES, LossConfig
+from forkrl.algo.losses import NORMALIZERS, POLICY_LOSSES, LossConfig
+from forkrl.algo.selection import ENTROPY_SOURCES, SCOPES
 from forkrl.ops.selection import STRATEGIES
 
 
 class ConfigError(ValueError):
     """A config key or value that cannot be used; the message names the key."""
+
+
+def _check_backend(r) -> None:
+    """`rollout.backend` exists and supports what the rollout settings ask of it."""
+    from forkrl.rollout.registry import get_backend, missing_capabilities
+
+    try:
+        get_backend(r.backend)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    for key, capability in missing_capabilities(r.backend, r):
+        raise ConfigError(
+            f"{key} = {getattr(r, key.split('.')[1])!r}: rollout.backend {r.backend!r} does not support "
+            f"{capability}; unset {key} or use a backend that does (hf)"
+        )
 
 
 @dataclass
@@ -38,7 +54,9 @@ class ModelConfig:
     name: str = ""
     """Hub id (e.g. `Qwen/Qwen3-8B-Base`) or local directory of a causal LM and its tokenizer."""
     dtype: str = "auto"
-    """Weights dtype: `auto` (bfloat16 on GPU, float32 on CPU), `float32`, `bfloat16`, `float16`."""
+    """`auto`: float32 weights, with bfloat16 autocast on CUDA for every forward pass (training,
+    scoring, generation, eval; see `forkrl.models.precision`); or `float32`, `bfloat16`, `float16`
+    weights without autocast."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
     trust_remote_code: bool = False
@@ -129,6 +147,9 @@ class RolloutConfig:
     rows that have not ended go on, so a few long responses stop holding the whole batch; the
     sampled tokens are unchanged (per-row seeds). Full-attention decoders only (the in-place KV
     cache is sliced between phases); others decode in one call."""
+    backend: str = "hf"
+    """Generation backend (`forkrl.rollout.registry`): `hf` (the training model in process), a name
+    registered with `register_backend`, or a factory's import path `module:function`."""
 
 
 @dataclass
@@ -330,8 +351,8 @@ def _validate(cfg: Config, check_files: bool) -> None:
     s, r, o, t = cfg.selection, cfg.rollout, cfg.optim, cfg.trainer
     need(s.strategy in STRATEGIES, "selection.strategy", f"one of {sorted(STRATEGIES)}")
     need(0.0 < s.ratio <= 1.0, "selection.ratio", "a fraction in (0, 1]")
-    need(s.scope in SELECTION_SCOPES, "selection.scope", f"one of {list(SELECTION_SCOPES)}")
-    need(s.entropy_source in ("current", "old"), "selection.entropy_source", "current or old")
+    need(s.scope in SCOPES, "selection.scope", f"one of {list(SCOPES)}")
+    need(s.entropy_source in ENTROPY_SOURCES, "selection.entropy_source", " or ".join(ENTROPY_SOURCES))
     need(
         cfg.advantage.estimator in ADVANTAGE_ESTIMATORS, "advantage.estimator", f"one of {sorted(ADVANTAGE_ESTIMATORS)}"
     )
@@ -360,6 +381,7 @@ def _validate(cfg: Config, check_files: bool) -> None:
     need(r.generation_batch_size >= 1, "rollout.generation_batch_size", ">= 1")
     need(r.max_sampling_rounds >= 1, "rollout.max_sampling_rounds", ">= 1")
     need(r.decode_phase >= 0, "rollout.decode_phase", ">= 0 (0 = one decoding phase)")
+    _check_backend(r)
     need(r.prompts_per_round >= 0, "rollout.prompts_per_round", ">= 0 (0 = rollout.prompts_per_step)")
     need(
         r.prompts_per_round == 0 or r.dynamic_sampling,

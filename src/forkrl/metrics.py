@@ -18,20 +18,28 @@ class MetricSums:
 
     Keeping both as tensors means the training loop never calls `.item()` per micro-batch;
     the only device→host copy is the single one in `compute`.
+
+    `device`: where the sums live (the trainer's device). Values made elsewhere (counts of
+    sampled groups on the CPU, a loss on the GPU) are moved here as they are added, so `compute`
+    stacks tensors of one device and reduces them in one collective.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, torch.Tensor] = {}
         self._totals: set[str] = set()
 
     def add(self, name: str, value_sum: torch.Tensor, count: torch.Tensor | float | None) -> None:
         """Add `value_sum` over `count` values to metric `name`; count None makes `name` a total."""
-        value_sum = value_sum.detach().to(torch.float64)
+        value_sum = value_sum.detach().to(self.device, torch.float64, non_blocking=True)
         if count is None:
             self._totals.add(name)
             count = 1.0
-        count = torch.as_tensor(count, dtype=torch.float64, device=value_sum.device)
+        if isinstance(count, torch.Tensor):
+            count = count.detach().to(self.device, torch.float64, non_blocking=True)
+        else:
+            count = torch.tensor(float(count), dtype=torch.float64, device=self.device)
         if name in self._sums:
             self._sums[name] = self._sums[name] + value_sum
             self._counts[name] = self._counts[name] + count

@@ -9,6 +9,7 @@ import pytest
 
 from forkrl.analysis.store import (
     RolloutStore,
+    StoreOptions,
     StoreWriter,
     generate_store,
     run_score,
@@ -45,19 +46,16 @@ def stops(tok):
 
 def make_store(policy, path, temperature=1.0, batch_size=4):
     model, tok = policy
-    return generate_store(
-        model,
-        tok,
-        PROMPTS,
-        path,
+    options = StoreOptions(
         k=K,
         max_new_tokens=MAX_NEW_TOKENS,
         temperature=temperature,
         batch_size=batch_size,
         seed=0,
-        reward_fn=length_reward,
+        reward=length_reward,
         eos_token_ids=stops(tok),
     )
+    return generate_store(model, tok, PROMPTS, path, options)
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +131,7 @@ def test_jsonl_responses_score_like_generation(store, policy, tmp_path):
         for s, a, b in zip(samples, offsets[:-1], offsets[1:]):
             # the raw text, special tokens included, so that it tokenizes back to the same ids
             f.write(json.dumps({"prompt": s["prompt"], "response": tok.decode(ids[a:b])}) + "\n")
-    loaded = store_from_jsonl(model, tok, path, tmp_path / "from_jsonl", batch_size=4)
+    loaded = store_from_jsonl(model, tok, path, tmp_path / "from_jsonl", StoreOptions(batch_size=4))
     np.testing.assert_array_equal(loaded.read_token_column("token_id"), store.read_token_column("token_id"))
     np.testing.assert_allclose(loaded.read_token_column("entropy"), store.read_token_column("entropy"), atol=1e-4)
     assert loaded.read_samples(["prompt_index"]).column(0).to_pylist() == [i for i in range(3) for _ in range(K)]
@@ -189,10 +187,7 @@ def test_run_store_and_run_score(model_dir, tmp_path):
         str(model_dir),
         str(tmp_path / "s"),
         data=str(data),
-        k=2,
-        max_new_tokens=4,
-        batch_size=4,
-        reward="tests.analysis.test_store:length_reward",
+        options=StoreOptions(k=2, max_new_tokens=4, batch_size=4, reward="tests.analysis.test_store:length_reward"),
         dtype="float32",
         device="cpu",
     )
@@ -233,3 +228,96 @@ def test_added_columns_keep_their_place_when_replaced(tmp_path):
         add_token_columns(store, {"entropy_c": np.zeros(2)})
     with pytest.raises(ValueError, match="base column"):
         add_token_columns(store, {"entropy": np.zeros(3)})
+
+
+def text_length(completion, example) -> float:
+    return float(len(completion))
+
+
+class ScriptedBackend:
+    """A `GenerationBackend` without a model: the response to a prompt is its tokens reversed, then
+    EOS if that fits in `max_new_tokens`; token t (0-based) has entropy 0.5 (t + 1) and log-prob
+    -0.25 (t + 1). It records every call."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.calls = []
+
+    def generate(self, prompts, params):
+        import torch
+
+        from forkrl.rollout.base import Rollout
+
+        self.calls.append((list(prompts), params))
+        tok = self.tokenizer
+        prompt_ids = tok(list(prompts), add_special_tokens=False)["input_ids"]
+        responses = [(p[::-1] + [tok.eos_token_id])[: params.max_new_tokens] for p in prompt_ids]
+        B, P, R = len(prompts), max(map(len, prompt_ids)), max(map(len, responses))
+        out = {
+            name: torch.zeros(B, size, dtype=torch.long) for name, size in [("pi", P), ("pm", P), ("ri", R), ("rm", R)]
+        }
+        out["pi"].fill_(tok.pad_token_id)
+        out["ri"].fill_(tok.pad_token_id)
+        for b, (p, r) in enumerate(zip(prompt_ids, responses)):
+            out["pi"][b, P - len(p) :], out["pm"][b, P - len(p) :] = torch.tensor(p), 1
+            out["ri"][b, : len(r)], out["rm"][b, : len(r)] = torch.tensor(r), 1
+        steps = torch.arange(1, R + 1, dtype=torch.float32).expand(B, R) * out["rm"]
+        return Rollout(
+            prompt_ids=out["pi"],
+            prompt_mask=out["pm"],
+            response_ids=out["ri"],
+            response_mask=out["rm"],
+            sampler_logprobs=-0.25 * steps,
+            sampler_entropy=0.5 * steps,
+            finished=torch.tensor([r[-1] == tok.eos_token_id for r in responses]),
+            response_lengths=out["rm"].sum(1),
+        )
+
+    def update_weights(self, model) -> None:
+        pass
+
+
+def test_generation_goes_through_any_backend(tmp_path):
+    from forkrl.analysis.store.generate import _sample_seed
+    from forkrl.models import build_tiny_tokenizer
+    from forkrl.rollout.base import GenerationBackend
+
+    tok = build_tiny_tokenizer()
+    backend = ScriptedBackend(tok)
+    assert isinstance(backend, GenerationBackend)
+    options = StoreOptions(k=2, max_new_tokens=4, temperature=0.7, batch_size=3, seed=7, reward=text_length)
+    # no model at all: the backend is the only thing that samples
+    store = generate_store(None, tok, ["ab", "hello"], tmp_path / "s", options, backend=backend, model_name="scripted")
+
+    # 4 samples (sample_id = prompt * k + j) in batches of 3: ids 0-2, then 3, each with its row seed
+    assert [prompts for prompts, _ in backend.calls] == [["ab", "ab", "hello"], ["hello"]]
+    assert [params.row_seeds for _, params in backend.calls] == [
+        [_sample_seed(7, 0), _sample_seed(7, 1), _sample_seed(7, 2)],
+        [_sample_seed(7, 3)],
+    ]
+    assert all(p.max_new_tokens == 4 and p.temperature == 0.7 for _, p in backend.calls)
+
+    # "ab" -> "b", "a", EOS (3 tokens, finished); "hello" -> "o", "l", "l", "e" (cut at 4, unfinished)
+    samples = store.read_samples().to_pydict()
+    assert samples["sample_id"] == [0, 1, 2, 3] and samples["prompt_index"] == [0, 0, 1, 1]
+    assert samples["response"] == ["ba", "ba", "olle", "olle"]  # EOS is a special token: not in the text
+    assert samples["length"] == [3, 3, 4, 4]
+    assert samples["finished"] == [True, True, False, False]
+    assert samples["prompt_ids"] == [tok("ab")["input_ids"]] * 2 + [tok("hello")["input_ids"]] * 2
+    assert samples["reward"] == [2.0, 2.0, 4.0, 4.0]  # text_length of the response texts
+    tokens = pq.read_table(store.tokens_path).to_pydict()
+    ab = [*tok("ba")["input_ids"], tok.eos_token_id]
+    olle = tok("olle")["input_ids"]
+    assert tokens["token_id"] == ab + ab + olle + olle
+    assert tokens["piece"] == ["b", "a", tok.eos_token, "b", "a", tok.eos_token] + list("olleolle")
+    assert tokens["position"] == [0, 1, 2, 0, 1, 2, 0, 1, 2, 3, 0, 1, 2, 3]
+    assert tokens["entropy"] == [0.5, 1.0, 1.5] * 2 + [0.5, 1.0, 1.5, 2.0] * 2  # the backend's values, exactly
+    assert tokens["logprob"] == [-0.25, -0.5, -0.75] * 2 + [-0.25, -0.5, -0.75, -1.0] * 2
+    meta = store.meta
+    assert meta["model"] == "scripted" and meta["k"] == 2 and meta["reward"] == "text_length"
+    assert meta["columns"]["entropy"] == {"model": "scripted", "temperature": 0.7, "how": "sampler"}
+
+    with pytest.raises(ValueError, match="eos_token_ids"):
+        generate_store(None, tok, ["ab"], tmp_path / "x", StoreOptions(eos_token_ids=[0]), backend=backend)
+    with pytest.raises(ValueError, match="pass a model or a backend"):
+        generate_store(None, tok, ["ab"], tmp_path / "y")

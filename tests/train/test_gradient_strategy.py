@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
+from forkrl.algo import selection as selection_part
 from forkrl.ops import selection
-from forkrl.train import trainer as trainer_module
 from forkrl.train.trainer import run_training
 from tests.ops.test_gradient_selection import brute_force_gradient_mask
 from tests.train.conftest import tiny_overrides
@@ -22,7 +22,7 @@ def test_gradient_selection_in_every_scope(tiny_model_dir, prompts_file, tmp_pat
         calls.append((kwargs["grad_norm"], mask, chosen.mask))
         return chosen
 
-    monkeypatch.setattr(trainer_module, "select_tokens", recording_select)
+    monkeypatch.setattr(selection_part, "select_tokens", recording_select)
     out = tmp_path / "run"
     run_training(
         None,

@@ -330,7 +330,7 @@ def test_data_errors_are_one_line_before_the_model_loads(tiny_model_dir, tmp_pat
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the data was checked")
 
-    monkeypatch.setattr("forkrl.train.trainer.load_policy", no_model)
+    monkeypatch.setattr("forkrl.train.setup.load_policy", no_model)
     content, expected = BAD_DATA[name]
     data = tmp_path / name
     data.write_bytes(content)
@@ -354,7 +354,7 @@ def test_setup_errors_are_one_line_before_the_model_loads(
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the inputs were checked")
 
-    monkeypatch.setattr("forkrl.train.trainer.load_policy", no_model)
+    monkeypatch.setattr("forkrl.train.setup.load_policy", no_model)
     started = time.monotonic()
     result = _train(*tiny_overrides(tiny_model_dir, prompts_file, str(tmp_path / "run")), override)
     _assert_one_line_error(result, expected)

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from forkrl.cli import app
-from forkrl.train import trainer as trainer_module
+from forkrl.train import update as update_module
 from forkrl.train.trainer import TrainingStopped, run_training
 from tests.train.conftest import tiny_overrides
 
@@ -137,14 +137,14 @@ class TestTrainTinyModel:
         assert not (tmp_path / fn / "checkpoints").exists()
 
     def test_nan_loss_stops_after_consecutive_bad_steps(self, tiny_model_dir, prompts_file, tmp_path, monkeypatch):
-        real = trainer_module.compute_policy_loss
+        real = update_module.compute_policy_loss
 
         def nan_loss(*args, **kwargs):
             out = real(*args, **kwargs)
             out.loss = out.loss * float("nan")
             return out
 
-        monkeypatch.setattr(trainer_module, "compute_policy_loss", nan_loss)
+        monkeypatch.setattr(update_module, "compute_policy_loss", nan_loss)
         out = tmp_path / "nan"
         overrides = tiny_overrides(
             tiny_model_dir, prompts_file, str(out), **{"trainer.max_bad_steps": 2, "trainer.total_steps": 5}

@@ -20,9 +20,6 @@ import torch
 from forkrl.distributed import all_reduce_sum, world_size
 from forkrl.metrics import MetricTerms
 from forkrl.ops.covariance import rank_descending, token_covariance
-from forkrl.ops.selection import num_selected
-
-SELECTION_SCOPES = ("microbatch", "batch", "global")
 
 
 @dataclass
@@ -117,27 +114,23 @@ def loss_denominators(
 ) -> LossDenominators:
     """Denominators for one optimizer step from the response masks of its micro-batches on this rank.
 
-    The kept count follows the selection scope: `microbatch` selects ⌈ρ·N_mb⌉ in every
-    micro-batch, `batch` ⌈ρ·N⌉ over this rank's step batch, `global` ⌈ρ·N⌉ over all ranks.
+    The kept count follows the selection scope (`forkrl.algo.selection.SCOPES`): `microbatch`
+    selects ⌈ρ·N_mb⌉ in every micro-batch, `batch` ⌈ρ·N⌉ over this rank's step batch, `global`
+    ⌈ρ·N⌉ over all ranks.
     """
-    if scope not in SELECTION_SCOPES:
-        raise ValueError(f"unknown selection scope {scope!r}; expected one of {SELECTION_SCOPES}")
+    from forkrl.algo.selection import get_scope
+
+    rule = get_scope(scope)
     # One host copy for all micro-batches (this runs once per optimizer step, not per micro-batch).
     stats = torch.stack([torch.stack([m.sum(), (m.sum(dim=-1) > 0).sum()]) for m in micro_batch_masks]).to(
         torch.float64
     )
     per_mb_tokens = [int(n) for n in stats[:, 0].cpu().tolist()]
-    if scope == "microbatch":
-        kept = sum(num_selected(n, ratio, strategy) for n in per_mb_tokens)
-    elif scope == "batch":
-        kept = num_selected(sum(per_mb_tokens), ratio, strategy)
-    else:
-        kept = 0  # computed from the global token count below
+    kept = rule.local_kept(per_mb_tokens, strategy, ratio)
     totals = torch.tensor([float(sum(per_mb_tokens)), float(stats[:, 1].sum()), float(kept)], dtype=torch.float64)
     all_reduce_sum(totals, group)
     num_tokens, num_sequences, num_kept = totals.tolist()
-    if scope == "global":
-        num_kept = float(num_selected(int(num_tokens), ratio, strategy))
+    num_kept = rule.total_kept(num_kept, int(num_tokens), strategy, ratio)
     return LossDenominators(
         num_tokens=num_tokens, num_kept=num_kept, num_sequences=num_sequences, dp_world_size=world_size(group)
     )

@@ -57,27 +57,23 @@ def store(
     device: str = typer.Option(None, "--device"),
 ) -> None:
     """Generate k responses per prompt (or load them) and store per-token entropy and log-prob in parquet."""
-    from forkrl.analysis.store import run_store
+    from forkrl.analysis.store import StoreOptions, run_store
+    from forkrl.cli import user_errors
 
-    _run(
-        run_store,
-        model,
-        out,
-        data=data or None,
-        responses=responses,
-        k=k,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        batch_size=batch_size,
-        seed=seed,
-        reward=reward,
-        question_key=question_key,
-        answer_key=answer_key,
-        template=template,
-        limit=limit,
-        device=device,
-        fresh=out,
-    )
+    with user_errors(*_errors()):  # a bad setting (k < 1) is reported like the analysis's own errors
+        options = StoreOptions(
+            k=k,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            batch_size=batch_size,
+            seed=seed,
+            reward=reward,
+            question_key=question_key,
+            answer_key=answer_key,
+            template=template,
+            limit=limit,
+        )
+    _run(run_store, model, out, data=data or None, responses=responses, options=options, device=device, fresh=out)
 
 
 @app.command(

@@ -479,23 +479,26 @@ def run_eval_command(
     except (OSError, ValueError) as err:
         raise EvalInputError(f"--model {model!r}: {err}") from err
     fast_paths.reset()
-    report = evaluate_model(
-        policy,
-        tokenizer,
-        list(data),
-        k=k,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        reward_fn=reward,
-        question_key=question_key,
-        answer_key=answer_key,
-        template=template,
-        batch_size=batch_size,
-        seed=seed,
-        limit=limit,
-        split=split,
-    )
+    from forkrl.models import precision
+
+    with precision.autocast(dtype, next(policy.parameters()).device):  # `auto`: bf16 autocast on CUDA
+        report = evaluate_model(
+            policy,
+            tokenizer,
+            list(data),
+            k=k,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            reward_fn=reward,
+            question_key=question_key,
+            answer_key=answer_key,
+            template=template,
+            batch_size=batch_size,
+            seed=seed,
+            limit=limit,
+            split=split,
+        )
     report.config["model"] = model
     report.config["fast_paths"] = fast_paths.status()  # which speed-ups ran; a declined one is also warned
     print(report.to_markdown(), end="")

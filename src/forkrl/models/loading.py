@@ -15,9 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from forkrl.models import compat
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from forkrl.models import compat, precision
 
 
 def load_policy(
@@ -38,7 +36,8 @@ def load_policy(
             an ``org/name`` Hub id must be an existing directory (`check_model_source`); we fail
             early naming the path instead of letting the Hub client retry and report a confusing
             "repo id" error.
-        dtype: ``"auto"`` (the checkpoint's dtype), ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        dtype: ``"auto"`` (float32 weights; the caller adds bf16 autocast on CUDA, see
+            `forkrl.models.precision`), ``"float32"``, ``"bfloat16"`` or ``"float16"``.
         device: where to put the model; defaults to ``"cuda"`` when available, else ``"cpu"``.
         gradient_checkpointing: recompute activations in backward (non-reentrant) to save memory.
         attn_implementation: passed through (``"sdpa"``, ``"flash_attention_2"``, ``"eager"``...).
@@ -51,12 +50,11 @@ def load_policy(
     `response_mask` and never infer validity from pad ids, and the first EOS stays in the mask.
     """
     path_str = check_model_source(name_or_path)
-    if dtype != "auto" and dtype not in _DTYPES:
-        raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {dtype!r}")
+    weights_dtype = precision.weights_dtype(dtype)
 
     tokenizer = load_tokenizer(path_str, trust_remote_code=trust_remote_code)
 
-    kwargs = {"dtype": "auto" if dtype == "auto" else _DTYPES[dtype]}
+    kwargs = {"dtype": weights_dtype}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(path_str, trust_remote_code=trust_remote_code, **kwargs)

@@ -37,7 +37,16 @@ import torch.distributed as dist
 
 from forkrl.distributed import all_gather_scalars, all_reduce_sum, is_distributed, rank
 
-__all__ = ["STRATEGIES", "TokenSelection", "num_selected", "select_tokens"]
+__all__ = [
+    "STRATEGIES",
+    "Scope",
+    "Strategy",
+    "TokenSelection",
+    "num_selected",
+    "register_strategy",
+    "select_tokens",
+    "top_k_by_key",
+]
 
 
 @dataclass
@@ -66,7 +75,8 @@ class TokenSelection:
 
 
 def num_selected(num_valid: int, ratio: float, strategy: str) -> int:
-    """How many tokens `strategy` keeps out of `num_valid`: N for `all`, else ceil(ratio * N).
+    """How many tokens `strategy` keeps out of `num_valid` (its registered `keeps` rule): N for
+    `all`, else ceil(ratio * N) for the built-in strategies.
 
     Exact: the ratio is read as the decimal it is written as (`repr`), so 0.55 * 100 -> 55.
     The loss normalizer uses this to know the kept count from token counts alone.
@@ -75,14 +85,68 @@ def num_selected(num_valid: int, ratio: float, strategy: str) -> int:
     _check_ratio(ratio)
     if num_valid < 0:
         raise ValueError(f"num_valid must be >= 0, got {num_valid}")
-    if strategy == "all":
-        return num_valid
+    return STRATEGIES[strategy].keeps(num_valid, ratio)
+
+
+def ceil_fraction(num_valid: int, ratio: float) -> int:
+    """ceil(ratio * N) with the ratio read as the decimal it is written as."""
     # float(ratio) first so that numpy scalars, whose repr is "np.float64(0.2)", work too
     return math.ceil(Decimal(repr(float(ratio))) * num_valid)
 
 
+def every_token(num_valid: int, ratio: float) -> int:
+    return num_valid
+
+
+# --------------------------------------------------------------------------- the registry
+
+SelectFn = Callable[["torch.Tensor | None", torch.Tensor, int, "Scope", "torch.Generator | None"], tuple]
+"""(values (B, T) fp32 or None, valid (B, T) bool, k >= 1, scope, generator) -> (mask, threshold)."""
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A registered selection strategy: what it ranks by, how many it keeps, how it picks them."""
+
+    name: str
+    needs: str | None
+    """The per-token values it ranks by: `entropy`, `grad_norm` (‖∂ log π(o_t)/∂z_t‖₂, from the
+    fused op's `return_grad_norm`) or None (it needs no forward pass: `all`, `random`)."""
+    keeps: Callable[[int, float], int]
+    """(N valid tokens, ratio) -> k kept: exact, so the loss normalizer knows k from counts alone."""
+    select: SelectFn
+    reports_threshold: bool = False
+    """Whether the k-th value is an entropy threshold worth logging (`top`, `bottom`)."""
+
+
+STRATEGIES: dict[str, Strategy] = {}
+NEEDS = ("entropy", "grad_norm", None)
+
+
+def register_strategy(
+    name: str,
+    needs: str | None = "entropy",
+    keeps: Callable[[int, float], int] = ceil_fraction,
+    reports_threshold: bool = False,
+) -> Callable[[SelectFn], SelectFn]:
+    """Register `fn(values, valid, k, scope, generator) -> (mask, threshold)` as strategy `name`.
+
+    `values` holds what `needs` names (None when it needs nothing); `valid` the tokens it may
+    keep; k = `keeps(N, ratio)` >= 1 tokens must be kept over the scope (use `Scope.sum` /
+    `Scope.gather` for anything that spans ranks, or `top_k_by_key` for an exact top-k).
+    """
+    if needs not in NEEDS:
+        raise ValueError(f"strategy {name!r}: needs must be one of {NEEDS}, got {needs!r}")
+
+    def add(fn: SelectFn) -> SelectFn:
+        STRATEGIES[name] = Strategy(name, needs, keeps, fn, reports_threshold)
+        return fn
+
+    return add
+
+
 def select_tokens(
-    entropy: torch.Tensor,
+    entropy: torch.Tensor | None,
     response_mask: torch.Tensor,
     strategy: str = "top",
     ratio: float = 0.2,
@@ -91,26 +155,28 @@ def select_tokens(
     generator: torch.Generator | None = None,
     grad_norm: torch.Tensor | None = None,
 ) -> TokenSelection:
-    """Select response tokens by entropy (or, for `gradient`, by log-prob gradient norm).
+    """Select response tokens by entropy (or what else the strategy ranks by).
 
     Args:
-        entropy: (B, T) per-token entropy, any float dtype (compared in fp32). NaN is not
-            supported (it would order by its bit pattern).
-        response_mask: (B, T) bool or int, nonzero on response tokens, 0 on padding.
-        strategy: `all` (every valid token), `top` (highest-entropy ceil(ratio * N)),
-            `bottom` (lowest-entropy ceil(ratio * N)), `random` (ceil(ratio * N) uniformly
-            at random: the referee's control, same count without entropy), `gradient`
-            (largest `grad_norm` ceil(ratio * N), ties to the earlier token as for `top`).
+        entropy: (B, T) per-token entropy, any float dtype (compared in fp32), or None for a
+            strategy that does not need it (`all`, `random`; the entropy statistics are then 0).
+            NaN is not supported (it would order by its bit pattern).
+        response_mask: (B, T) bool or int, nonzero on the tokens that may be kept (response
+            tokens, optionally narrowed further), 0 on padding.
+        strategy: a registered name (`STRATEGIES`): `all` (every valid token), `top`
+            (highest-entropy ceil(ratio * N)), `bottom` (lowest-entropy ceil(ratio * N)),
+            `random` (ceil(ratio * N) uniformly at random: the referee's control, same count
+            without entropy), `gradient` (largest `grad_norm` ceil(ratio * N), ties to the
+            earlier token as for `top`).
         ratio: rho in (0, 1]; ignored by `all` but still validated.
         group: None selects within this tensor (per micro-batch / per device). A process
             group (e.g. `torch.distributed.group.WORLD`) selects over all its ranks' tensors
             at once, as if concatenated along dim 0 in rank order; every rank must call.
-        generator: RNG for `random`, on the device of `entropy`. For a global random
+        generator: RNG for `random`, on the device of the mask. For a global random
             selection give each rank a differently seeded generator: the count is exact,
             but the draws differ from a single-process selection of the concatenation.
         grad_norm: (B, T) ‖∂ log π(o_t)/∂z_t‖₂ per token (`score_responses(...,
-            return_grad_norm=True)`); required by `gradient`, ignored otherwise. The entropy
-            statistics of the result are still those of `entropy`.
+            return_grad_norm=True)`); required by `gradient`, ignored otherwise.
 
     Returns:
         A `TokenSelection`. Host syncs: one to read N (k must be a Python int to apply the
@@ -118,40 +184,44 @@ def select_tokens(
     """
     _check_strategy(strategy)
     _check_ratio(ratio)
-    if entropy.shape != response_mask.shape:
-        raise ValueError(
-            f"entropy and response_mask must have the same shape, got "
-            f"{tuple(entropy.shape)} and {tuple(response_mask.shape)}"
-        )
-    if strategy == "gradient":
-        if grad_norm is None:
-            raise ValueError("selection strategy 'gradient' needs grad_norm (score_responses(return_grad_norm=True))")
-        if grad_norm.shape != entropy.shape:
-            raise ValueError(f"grad_norm {tuple(grad_norm.shape)} and entropy {tuple(entropy.shape)} disagree")
-    scope = _Scope(group)
+    spec = STRATEGIES[strategy]
+    for name, t in (("entropy", entropy), ("grad_norm", grad_norm)):
+        if t is not None and t.shape != response_mask.shape:
+            raise ValueError(
+                f"{name} and response_mask must have the same shape, got "
+                f"{tuple(t.shape)} and {tuple(response_mask.shape)}"
+            )
+    values = {"entropy": entropy, "grad_norm": grad_norm, None: None}[spec.needs]
+    if spec.needs is not None and values is None:
+        hint = " (score_responses(return_grad_norm=True))" if spec.needs == "grad_norm" else ""
+        raise ValueError(f"selection strategy {strategy!r} needs {spec.needs}{hint}")
+    scope = Scope(group)
+    valid = response_mask.bool()
     # fp32 everywhere; "+ 0.0" turns -0.0 into +0.0 so that the two zeros tie, as they
     # compare equal (the bit-level keys below would otherwise put -0.0 first)
-    entropy = entropy.detach().float() + 0.0
-    valid = response_mask.bool()
+    if values is not None:
+        values = values.detach().float() + 0.0
 
     num_valid = scope.sum(valid.sum())  # (), int64
     k = num_selected(int(num_valid.item()), ratio, strategy)  # host sync: decimal ceil needs N
 
+    nan = torch.full((), math.nan, device=valid.device)
     if k == 0:
-        mask = torch.zeros_like(valid)
-        threshold = entropy.new_full((), math.nan)
-    elif strategy == "gradient":
-        mask, _ = _select_top(grad_norm.detach().float() + 0.0, valid, k, scope, generator)
-        threshold = entropy.new_full((), math.nan)
+        mask, threshold = torch.zeros_like(valid), nan
     else:
-        mask, threshold = STRATEGIES[strategy](entropy, valid, k, scope, generator)
+        mask, threshold = spec.select(values, valid, k, scope, generator)
+        if not spec.reports_threshold:
+            threshold = nan
 
     # fp64 sums so that the means of 10^8 tokens do not drift; one all-reduce for both
     # (torch.where rather than boolean indexing, which would sync on the GPU)
-    entropy64 = entropy.double()
-    sums = torch.stack([torch.where(valid, entropy64, 0.0).sum(), torch.where(mask, entropy64, 0.0).sum()])
-    sum_all, sum_kept = scope.sum(sums)
-    num_kept = torch.tensor(k, dtype=torch.int64, device=entropy.device)
+    if entropy is not None:
+        entropy64 = entropy.detach().double() + 0.0
+        sums = torch.stack([torch.where(valid, entropy64, 0.0).sum(), torch.where(mask, entropy64, 0.0).sum()])
+        sum_all, sum_kept = scope.sum(sums)
+    else:
+        sum_all = sum_kept = torch.zeros((), dtype=torch.float64, device=valid.device)
+    num_kept = torch.tensor(k, dtype=torch.int64, device=valid.device)
     return TokenSelection(
         mask=mask,
         threshold=threshold,
@@ -164,44 +234,40 @@ def select_tokens(
 
 
 # --------------------------------------------------------------------------- strategies
-# Each strategy: (entropy (B, T) fp32, valid (B, T) bool, k >= 1, scope, generator)
-#   -> (mask (B, T) bool, threshold () fp32)
 
 # Keys are unsigned 32-bit integers held in int64; this flips their order.
 _KEY_MAX = 2**32 - 1
 
 
-def _select_all(entropy, valid, k, scope, generator):
-    return valid.clone(), entropy.new_full((), math.nan)
+@register_strategy("all", needs=None, keeps=every_token)
+def _select_all(values, valid, k, scope, generator):
+    return valid.clone(), None
 
 
-def _select_top(entropy, valid, k, scope, generator):
-    mask, tau_key = _top_k_by_key(_float_to_key(entropy), valid, k, scope)
+@register_strategy("top", reports_threshold=True)
+def _select_top(values, valid, k, scope, generator):
+    mask, tau_key = top_k_by_key(_float_to_key(values), valid, k, scope)
     return mask, _key_to_float(tau_key)
 
 
-def _select_bottom(entropy, valid, k, scope, generator):
+@register_strategy("bottom", reports_threshold=True)
+def _select_bottom(values, valid, k, scope, generator):
     # bottom-k is top-k on reversed keys; ties still go to the earlier token
-    mask, tau_key = _top_k_by_key(_KEY_MAX - _float_to_key(entropy), valid, k, scope)
+    mask, tau_key = top_k_by_key(_KEY_MAX - _float_to_key(values), valid, k, scope)
     return mask, _key_to_float(_KEY_MAX - tau_key)
 
 
-def _select_random(entropy, valid, k, scope, generator):
+@register_strategy("random", needs=None)
+def _select_random(values, valid, k, scope, generator):
     # top-k on i.i.d. uniform keys is a uniform random k-subset, and reuses the exact
     # distributed top-k; key ties (rare with 32-bit keys) go deterministically by order
-    keys = torch.randint(0, 2**32, entropy.shape, generator=generator, device=entropy.device)
-    mask, _ = _top_k_by_key(keys, valid, k, scope)
-    return mask, entropy.new_full((), math.nan)
+    keys = torch.randint(0, 2**32, valid.shape, generator=generator, device=valid.device)
+    mask, _ = top_k_by_key(keys, valid, k, scope)
+    return mask, None
 
 
-STRATEGIES: dict[str, Callable] = {
-    "all": _select_all,
-    "top": _select_top,
-    "bottom": _select_bottom,
-    "random": _select_random,
-    # top-k on the gradient norms instead of the entropies (`select_tokens` passes them in)
-    "gradient": _select_top,
-}
+# top-k on the gradient norms instead of the entropies
+register_strategy("gradient", needs="grad_norm")(_select_top)
 
 
 # ----------------------------------------------------------------------- exact radix select
@@ -227,7 +293,7 @@ def _key_to_float(key: torch.Tensor) -> torch.Tensor:
     return bits.to(torch.int32).view(torch.float32)
 
 
-def _top_k_by_key(keys: torch.Tensor, valid: torch.Tensor, k: int, scope: _Scope) -> tuple[torch.Tensor, torch.Tensor]:
+def top_k_by_key(keys: torch.Tensor, valid: torch.Tensor, k: int, scope: Scope) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest valid keys over the scope, ties to the earlier (rank, flat index).
 
     Args:
@@ -274,7 +340,7 @@ def _top_k_by_key(keys: torch.Tensor, valid: torch.Tensor, k: int, scope: _Scope
     return (above | take).view(shape), tau
 
 
-class _Scope:
+class Scope:
     """Reductions over the selection scope: this tensor alone, or every rank of `group`.
 
     `group=None` must stay local even when torch.distributed is initialized (per-device

@@ -84,9 +84,11 @@ class Rollout:
     sampler_logprobs: torch.Tensor
     """`[B, R]` float32, log-prob of each sampled token under the distribution it was actually
     sampled from (after temperature, top-k and top-p). 0 where `response_mask` is 0."""
-    sampler_entropy: torch.Tensor
+    sampler_entropy: torch.Tensor | None
     """`[B, R]` float32, entropy of softmax(z / T) before top-k/top-p truncation (SPEC Eq. 1), with
-    T the temperature used for that token. 0 where `response_mask` is 0."""
+    T the temperature used for that token. 0 where `response_mask` is 0. None from a backend that
+    cannot compute it (an inference engine returns top log-probs, not the full distribution);
+    the trainer then takes the entropy percentiles from its old-policy scoring pass."""
     finished: torch.Tensor
     """`[B]` bool, whether the response ended with EOS (False: truncated at max_new_tokens)."""
     response_lengths: torch.Tensor
@@ -119,7 +121,9 @@ class Rollout:
             response_ids=torch.cat([pad(r.response_ids, response_len, pad_token_id, False) for r in rollouts]),
             response_mask=torch.cat([pad(r.response_mask, response_len, 0, False) for r in rollouts]),
             sampler_logprobs=torch.cat([pad(r.sampler_logprobs, response_len, 0.0, False) for r in rollouts]),
-            sampler_entropy=torch.cat([pad(r.sampler_entropy, response_len, 0.0, False) for r in rollouts]),
+            sampler_entropy=None
+            if any(r.sampler_entropy is None for r in rollouts)
+            else torch.cat([pad(r.sampler_entropy, response_len, 0.0, False) for r in rollouts]),
             finished=torch.cat([r.finished for r in rollouts]),
             response_lengths=torch.cat([r.response_lengths for r in rollouts]),
             row_seeds=_cat_row_seeds([r.row_seeds for r in rollouts]),

@@ -21,7 +21,7 @@ is gathered after `generate` returns. Peak extra memory is one `[B, V]` tensor.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from transformers import (
@@ -39,6 +39,7 @@ from transformers import (
 from forkrl import fast_paths
 from forkrl.models import compat
 from forkrl.models.loading import unwrap_peft
+from forkrl.models.mode import eval_mode
 from forkrl.models.scoring import prompt_groups, shared_prefix_unsupported
 from forkrl.rollout.base import Prompts, Rollout, SamplingParams
 from forkrl.rollout.decode import decode_tokens
@@ -61,6 +62,9 @@ class HFGenerationBackend:
         lean_decode: decode in forkrl's own loop over the model's `forward` (`rollout/decode.py`;
             the fast path `lean_decode_loop`), with `model.generate` only where the in-place KV
             cache cannot be built; False: always `generate` (the reference path, same results).
+        around: called for a context entered around every `generate` (the trainer passes its
+            autocast and, under FSDP2, the gathering of the full weights: what sampling with the
+            in-process model needs).
 
     Seeding: with `SamplingParams.seed` set, generation runs inside `torch.random.fork_rng` after
     `torch.manual_seed(seed)` (HF samples with `torch.multinomial` on the global generator, which
@@ -96,6 +100,7 @@ class HFGenerationBackend:
         share_prompt: bool = True,
         decode_phase: int = 0,
         lean_decode: bool = True,
+        around: Callable[[], contextlib.AbstractContextManager] | None = None,
     ):
         if tokenizer.pad_token_id is None:
             raise ValueError("tokenizer needs a pad token (load_policy sets pad = EOS when missing)")
@@ -105,6 +110,7 @@ class HFGenerationBackend:
         self.share_prompt = share_prompt
         self.decode_phase = decode_phase
         self.lean_decode = lean_decode
+        self.around = around or contextlib.nullcontext
         self.pad_token_id = tokenizer.pad_token_id
         self.eos_token_ids = list(eos_token_ids) if eos_token_ids is not None else _default_eos_ids(model, tokenizer)
         if not self.eos_token_ids:
@@ -129,7 +135,7 @@ class HFGenerationBackend:
             if seeded
             else contextlib.nullcontext()
         )
-        with rng, _sampling_mode(self.model):
+        with self.around(), rng, eval_mode(self.model):
             if params.seed is not None:
                 torch.manual_seed(params.seed)
             chunks = []
@@ -419,17 +425,6 @@ def _warpers(params: SamplingParams) -> tuple[list[LogitsProcessor], list[Logits
 
 
 @contextlib.contextmanager
-def _sampling_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode (no dropout) during sampling, restoring the caller's mode afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-@contextlib.contextmanager
 def _neutral_model_generation_config(model: torch.nn.Module) -> Iterator[None]:
     """Hide the checkpoint's `generation_config.json` during `generate`.
 
@@ -453,3 +448,14 @@ def _default_eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase)
     model_eos = unwrap_peft(model).generation_config.eos_token_id
     ids += model_eos if isinstance(model_eos, list) else [model_eos]
     return sorted({i for i in ids if i is not None})
+
+
+def build_hf_backend(ctx) -> HFGenerationBackend:
+    """The `hf` entry of `forkrl.rollout.registry`: sample with the training model in process."""
+    return HFGenerationBackend(
+        ctx.model,
+        ctx.tokenizer,
+        batch_size=ctx.rollout.generation_batch_size,
+        decode_phase=ctx.rollout.decode_phase,
+        around=ctx.forward_context,
+    )

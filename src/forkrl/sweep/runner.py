@@ -202,7 +202,10 @@ def final_evaluation(cfg, model_path: str):
         model_path, dtype=cfg.model.dtype, device=device, trust_remote_code=cfg.model.trust_remote_code
     )
     model.eval()
-    return evaluate_with_run_config(model, tokenizer, cfg)
+    from forkrl.models import precision
+
+    with precision.autocast(cfg.model.dtype, next(model.parameters()).device):  # as the trainer's evals
+        return evaluate_with_run_config(model, tokenizer, cfg)
 
 
 def eval_numbers(report) -> dict[str, Any]:

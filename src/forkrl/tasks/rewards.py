@@ -47,7 +47,9 @@ __all__ = [
     "RewardComputer",
     "RewardFn",
     "load_reward_fn",
+    "accuracy_of",
     "overlong_penalty",
+    "shape_rewards",
     "register_reward",
 ]
 
@@ -441,3 +443,18 @@ def overlong_penalty(
     lengths = torch.as_tensor(response_lengths, dtype=torch.float32)
     soft = max_len - cache_len
     return -((lengths - soft) / cache_len).clamp(0.0, 1.0) * penalty_factor
+
+
+def shape_rewards(task_scores: torch.Tensor, lengths: torch.Tensor, max_new_tokens: int, reward_cfg) -> torch.Tensor:
+    """The reward the advantages are computed from: the task score plus, with
+    `reward.overlong_shaping`, DAPO's overlong penalty (`overlong_penalty`). A new tensor."""
+    shaped = task_scores.clone()
+    if reward_cfg.overlong_shaping:
+        shaped += overlong_penalty(lengths, max_new_tokens, reward_cfg.overlong_cache, reward_cfg.overlong_penalty)
+    return shaped
+
+
+def accuracy_of(task_scores: torch.Tensor) -> torch.Tensor:
+    """Per-response accuracy from task scores: the score clamped to [0, 1] (exactly the 0/1
+    verdict of a verifier; a graded reward counts as partial credit)."""
+    return task_scores.clamp(0, 1)

@@ -1,0 +1,91 @@
+"""Between model tensors and store rows: a batch's `[B, R]` tensors -> token/sample columns, and
+stored token ids -> padded tensors for a teacher-forced scoring pass."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+__all__ = ["PieceDecoder", "model_label", "pad_batch", "prompt_ids_array", "token_columns"]
+
+
+class PieceDecoder:
+    """Decoded text of single tokens, cached per id (at most one decode per vocabulary entry).
+
+    `pieces(ids)` returns an arrow string array built by `take` from the batch's unique ids,
+    so a batch of a million tokens creates no per-token Python objects. Byte-level BPE tokens
+    that are part of a multi-byte character decode to U+FFFD on their own.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.cache: dict[int, str] = {}
+
+    def pieces(self, ids: np.ndarray) -> pa.Array:
+        unique, inverse = np.unique(ids, return_inverse=True)
+        missing = [int(u) for u in unique if int(u) not in self.cache]
+        if missing:
+            texts = self.tokenizer.batch_decode([[u] for u in missing], skip_special_tokens=False)
+            self.cache.update(zip(missing, texts))
+        dictionary = pa.array([self.cache[int(u)] for u in unique], type=pa.string())
+        return dictionary.take(pa.array(inverse.astype(np.int32)))
+
+
+def prompt_ids_array(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> pa.Array:
+    """Left-padded `[B, P]` prompts -> arrow list<int32> of each row's real tokens."""
+    mask = prompt_mask.bool().cpu()
+    values = prompt_ids.cpu()[mask].to(torch.int32).numpy()  # row-major: each row's tokens in order
+    offsets = np.concatenate([[0], np.cumsum(mask.sum(1).numpy())]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=pa.int32()))
+
+
+def token_columns(
+    sample_ids: np.ndarray,
+    prompt_index: np.ndarray,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    entropy: torch.Tensor,
+    logprob: torch.Tensor,
+    decoder: PieceDecoder,
+) -> dict[str, Any]:
+    """`[B, R]` right-padded per-token tensors -> flat token-table columns (valid tokens only)."""
+    mask = response_mask.bool().cpu()
+    lengths = mask.sum(1).numpy()
+    token_ids = response_ids.cpu()[mask].numpy()
+    return {
+        "sample_id": np.repeat(sample_ids.astype(np.int32), lengths),
+        "prompt_index": np.repeat(prompt_index.astype(np.int32), lengths),
+        "position": (mask.long().cumsum(1) - 1)[mask].to(torch.int32).numpy(),
+        "token_id": token_ids.astype(np.int32),
+        "piece": decoder.pieces(token_ids),
+        "entropy": entropy.detach().float().cpu()[mask].numpy(),
+        "logprob": logprob.detach().float().cpu()[mask].numpy(),
+    }
+
+
+def pad_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int, device):
+    """Left-pad prompts and right-pad responses: `(prompt_ids, prompt_mask, response_ids, response_mask)`."""
+    B = len(prompts)
+    P = max(len(p) for p in prompts)
+    R = max(1, max(len(r) for r in responses))  # an all-empty batch still needs one column
+    prompt_ids = torch.full((B, P), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((B, P), dtype=torch.long)
+    response_ids = torch.full((B, R), pad_id, dtype=torch.long)
+    response_mask = torch.zeros((B, R), dtype=torch.long)
+    for row, (p, r) in enumerate(zip(prompts, responses)):
+        if len(p) == 0:
+            raise ValueError("empty prompt")
+        prompt_ids[row, P - len(p) :] = torch.from_numpy(np.array(p, dtype=np.int64))
+        prompt_mask[row, P - len(p) :] = 1
+        response_ids[row, : len(r)] = torch.from_numpy(np.array(r, dtype=np.int64))
+        response_mask[row, : len(r)] = 1
+    return prompt_ids.to(device), prompt_mask.to(device), response_ids.to(device), response_mask.to(device)
+
+
+def model_label(model: torch.nn.Module | None) -> str | None:
+    """The model name recorded in `store.json`: its `config.name_or_path` (None if it has none)."""
+    return getattr(getattr(model, "config", None), "name_or_path", None) or None

@@ -1,0 +1,197 @@
+"""Steps 1–3 of the recipe: sample responses, score them, filter groups, compute advantages.
+
+`BatchCollector.collect` returns the step's `StepBatch` for this process: G contiguous responses
+per prompt, their task scores, shaped rewards and advantages. With dynamic sampling (DAPO) it drops
+groups whose task scores are all equal and samples more prompts until every process has its quota
+of groups or `rollout.max_sampling_rounds` run out; all processes then train on the same number of
+groups (the fewest any of them has), as they must step together.
+
+Row seeds: each response's seed is `mix_seed(seed, global prompt position, response index)`, so
+the same prompt draw gets the same responses on any number of processes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+import torch
+
+from forkrl.algo.advantages import compute_advantages
+from forkrl.config import Config
+from forkrl.distributed import reduce_scalars
+from forkrl.metrics import MetricSums
+from forkrl.rollout.base import GenerationBackend, Rollout, SamplingParams
+from forkrl.seeding import mix_seed
+from forkrl.tasks.data import PromptExample, PromptSampler
+from forkrl.tasks.rewards import accuracy_of, shape_rewards
+
+
+class RewardFailures(RuntimeError):
+    """More than `reward.max_failed_fraction` of a step's reward calls failed (the message says which)."""
+
+
+@dataclass
+class StepBatch:
+    """The responses one process trains on in one step (groups of G contiguous rows)."""
+
+    rollout: Rollout
+    examples: list[PromptExample]
+    """One per response row."""
+    task_scores: torch.Tensor
+    """`[N]` reward function scores (accuracy for 0/1 verifiers)."""
+    rewards: torch.Tensor
+    """`[N]` task score + overlong shaping: what the advantages are computed from."""
+    advantages: torch.Tensor
+    """`[N]`."""
+
+
+def select_rows(ro: Rollout, idx: torch.Tensor) -> Rollout:
+    """The rollout's rows `idx` (fields that are None stay None)."""
+    parts = {}
+    for f in fields(ro):
+        t = getattr(ro, f.name)
+        parts[f.name] = None if t is None else t[idx.to(t.device)]
+    return Rollout(**parts)
+
+
+class BatchCollector:
+    """Samples and scores the step's batch (see the module docstring)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        backend: GenerationBackend,
+        row_seeds: bool,
+        tokenizer,
+        rewarder: Callable,
+        examples: list[PromptExample],
+        sampler: PromptSampler,
+        rank: int,
+        world: int,
+        device: torch.device,
+    ):
+        self.cfg, self.backend, self.row_seeds, self.tokenizer = cfg, backend, row_seeds, tokenizer
+        self.rewarder, self.examples, self.sampler = rewarder, examples, sampler
+        self.rank, self.world, self.device = rank, world, device
+        self.prompts_per_rank = cfg.rollout.prompts_per_step // world
+        self.round_prompts_per_rank = (cfg.rollout.prompts_per_round or cfg.rollout.prompts_per_step) // world
+
+    def sample_round(self) -> tuple[Rollout, list[PromptExample]]:
+        """One round: the next prompts of this process, G responses each."""
+        cfg = self.cfg.rollout
+        g = cfg.group_size
+        cursor = self.sampler.state_dict()
+        start = cursor["epoch"] * cursor["num_prompts"] + cursor["position"]
+        indices = self.sampler.next_batch(self.round_prompts_per_rank)
+        # Global stream position of each prompt: the same prompt draw gets the same seeds on any
+        # number of processes, which makes runs independent of the data-parallel split.
+        positions = [start + self.rank + i * self.world for i in range(len(indices))]
+        examples = [self.examples[i] for i in indices for _ in range(g)]
+        seeds = [mix_seed(self.cfg.seed, pos, j) for pos in positions for j in range(g)]
+        params = SamplingParams(
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            top_k=cfg.top_k,
+            entropy_temperature=tuple(cfg.entropy_temperature) if cfg.entropy_temperature else None,
+            row_seeds=seeds if self.row_seeds else None,
+            seed=None if self.row_seeds else mix_seed(self.cfg.seed, start, self.rank),
+        )
+        return self.backend.generate([ex.prompt for ex in examples], params), examples
+
+    def collect(
+        self, step: int, timings: dict[str, float], stats: MetricSums, on_first_round: Callable | None = None
+    ) -> StepBatch | None:
+        """Step `step`'s batch, or None when no process has a trainable group. `on_first_round(rows)`
+        receives the first round's samples as dicts (prompt, completion, answer, score, reward)."""
+        cfg, g = self.cfg, self.cfg.rollout.group_size
+        kept: list[tuple[Rollout, list[PromptExample], torch.Tensor, torch.Tensor]] = []
+        num_kept_groups = calls = failed = 0
+        first_failure = None
+        for round_index in range(cfg.rollout.max_sampling_rounds):
+            t0 = time.perf_counter()
+            rollout, examples = self.sample_round()
+            timings["generate_s"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            texts = self.tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)
+            scored = self.rewarder(texts, examples)
+            timings["reward_s"] += time.perf_counter() - t0
+            calls, failed = calls + len(texts), failed + scored.num_failed
+            first_failure = first_failure or scored.first_failure
+            # Checked every round: a broken reward stops the run before another generation.
+            self._check_reward_failures(step, failed, calls, first_failure)
+            task = torch.tensor(scored.scores, dtype=torch.float32)
+            lengths = rollout.response_lengths.cpu()
+            shaped = shape_rewards(task, lengths, cfg.rollout.max_new_tokens, cfg.reward)
+            informative = _add_round_stats(stats, task, shaped, lengths, rollout, scored, g, self.world)
+            if round_index == 0 and on_first_round is not None:
+                n = min(cfg.trainer.log_samples, len(texts))
+                on_first_round([_sample_row(examples[i], texts[i], task[i], shaped[i]) for i in range(n)])
+            keep_groups = informative if cfg.rollout.dynamic_sampling else torch.ones_like(informative)
+            rows = keep_groups.repeat_interleave(g)
+            if rows.any():
+                idx = rows.nonzero().squeeze(1)
+                kept.append((select_rows(rollout, idx), [examples[i] for i in idx.tolist()], task[idx], shaped[idx]))
+                num_kept_groups += int(keep_groups.sum())
+            if not cfg.rollout.dynamic_sampling:
+                break
+            # Every process keeps sampling until all have their quota (they must step together).
+            if reduce_scalars([num_kept_groups], "min")[0] >= self.prompts_per_rank:
+                break
+        use_groups = int(reduce_scalars([min(num_kept_groups, self.prompts_per_rank)], "min")[0])
+        stats.add("groups_trained", torch.tensor(float(use_groups)), None)
+        if use_groups == 0:
+            return None
+        return self._batch(kept, use_groups)
+
+    def _batch(self, kept, use_groups: int) -> StepBatch:
+        g = self.cfg.rollout.group_size
+        rollout = Rollout.cat([k[0] for k in kept], self.tokenizer.pad_token_id)
+        rows = torch.arange(use_groups * g)
+        examples = [ex for k in kept for ex in k[1]][: use_groups * g]
+        task = torch.cat([k[2] for k in kept])[rows]
+        shaped = torch.cat([k[3] for k in kept])[rows]
+        rollout = select_rows(rollout, rows)
+        adv = compute_advantages(shaped, g, self.cfg.advantage.estimator, self.cfg.advantage.std_eps)
+        return StepBatch(rollout.to(self.device), examples, task, shaped, adv.advantages.to(self.device))
+
+    def _check_reward_failures(self, step: int, failed: int, calls: int, example: str | None) -> None:
+        """Stop when more than `reward.max_failed_fraction` of this step's reward calls failed
+        (summed over processes): a reward that is broken trains on nothing but zeros."""
+        failed_all, calls_all = (int(x) for x in reduce_scalars([failed, calls], "sum"))
+        limit = self.cfg.reward.max_failed_fraction
+        if calls_all and failed_all > limit * calls_all:
+            shown = example or "(the failing calls ran on another process; see its log)"
+            raise RewardFailures(
+                f"reward {self.cfg.reward.function!r}: {failed_all} of {calls_all} calls failed in step "
+                f"{step} (more than reward.max_failed_fraction = {limit:g}); for example, {shown}"
+            )
+
+
+def _add_round_stats(stats: MetricSums, task, shaped, lengths, rollout, scored, g: int, world: int) -> torch.Tensor:
+    """Statistics of everything sampled (before filtering), as DAPO reports them; returns which
+    groups are informative (their task scores are not all equal)."""
+    stats.add("reward", shaped.sum(), len(shaped))
+    stats.add("accuracy", accuracy_of(task).sum(), len(task))
+    stats.add("response_length", lengths.float().sum(), len(lengths))
+    stats.add("response_clip_frac", (~rollout.finished.cpu()).float().sum(), len(lengths))
+    stats.add("reward_errors", torch.tensor(float(scored.num_errors + scored.num_invalid)), None)
+    stats.add("reward_timeouts", torch.tensor(float(scored.num_timeouts)), None)
+    grouped = task.view(-1, g)
+    informative = ~(grouped == grouped[:, :1]).all(dim=1)
+    stats.add("groups_zero_variance", (~informative).float().sum(), None)
+    stats.add("groups_sampled", torch.tensor(float(len(informative))), None)
+    stats.add("sampling_rounds", torch.tensor(1.0 / world), None)
+    return informative
+
+
+def _sample_row(example: PromptExample, text: str, score: torch.Tensor, reward: torch.Tensor) -> dict:
+    return {
+        "prompt": example.prompt,
+        "completion": text,
+        "answer": example.answer,
+        "score": float(score),
+        "reward": float(reward),
+    }

@@ -1,0 +1,179 @@
+"""Steps 4–5 of the recipe: old-policy log-probs, then the policy-gradient updates on the kept tokens.
+
+`PolicyUpdater.update(batch, ...)`:
+
+1. scores the batch with the policy as it was at sampling (π_old: log-probs, entropies, and gradient
+   norms when the strategy ranks by them), except with exactly one update per batch (then
+   π_old = π_θ and the update's own log-probs stand in, detached); and with the reference policy
+   for the KL term when `loss.ref_kl_coef > 0`;
+2. for each epoch and mini-batch: asks the selection (`forkrl.algo.selection`) for each
+   micro-batch's kept mask, accumulates the normalized loss over micro-batches (gradients are
+   synchronized across processes on the last one only), then takes one clipped optimizer step.
+
+The loss denominators are sums over the whole mini-batch on all processes, so the update equals
+the one-process update on the same global batch whatever the micro-batch size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+
+import torch
+
+from forkrl.algo.losses import PolicyLossInput, compute_policy_loss, loss_denominators
+from forkrl.algo.selection import TokenScores, TokenSelector
+from forkrl.config import Config
+from forkrl.metrics import MetricSums
+from forkrl.rollout.base import Rollout
+from forkrl.seeding import mix_seed
+from forkrl.train.collect import StepBatch
+from forkrl.train.optim import clipped_step
+from forkrl.train.setup import PolicyModels
+
+
+class PolicyUpdater:
+    """Runs the updates of one step (module docstring). `on_optimizer_step(taken)` is called after
+    every optimizer step with whether it was taken (False: a NaN/inf gradient, skipped)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        models: PolicyModels,
+        optimizer,
+        scheduler,
+        device: torch.device,
+        rank: int,
+        world: int,
+        group,
+        on_optimizer_step: Callable[[bool], None],
+    ):
+        self.cfg, self.models, self.optimizer, self.scheduler = cfg, models, optimizer, scheduler
+        self.device, self.rank, self.world, self.group = device, rank, world, group
+        self.on_optimizer_step = on_optimizer_step
+        sel = cfg.selection
+        self.selector = TokenSelector(sel.strategy, sel.ratio, sel.scope, sel.entropy_source, group)
+        self.mini_prompts_per_rank = cfg.optim.mini_batch_size // world
+
+    # ------------------------------------------------------------------ scoring without gradient
+
+    def _micro_slices(self, rows: range) -> list[slice]:
+        mb = self.cfg.optim.micro_batch_size
+        return [slice(i, min(i + mb, rows.stop)) for i in range(rows.start, rows.stop, mb)]
+
+    @torch.no_grad()
+    def score(self, scorer, ro: Rollout, rows: range, grad_norm: bool = False) -> tuple[torch.Tensor, ...]:
+        """(logprobs, entropy[, grad_norm]) of `rows`, micro-batch by micro-batch, concatenated."""
+        parts = []
+        for s in self._micro_slices(rows):
+            with self.models.autocast():
+                parts.append(
+                    scorer(
+                        ro.prompt_ids[s],
+                        ro.prompt_mask[s],
+                        ro.response_ids[s],
+                        ro.response_mask[s],
+                        self.cfg.rollout.temperature,
+                        return_grad_norm=grad_norm,
+                    )  # fmt: skip
+                )
+        return tuple(torch.cat(outputs) for outputs in zip(*parts))
+
+    def _old_policy(self, ro: Rollout, on_policy: bool):
+        """(old log-probs, old TokenScores) from one no-grad pass, or (None, None) on-policy."""
+        if on_policy:
+            return None, None
+        logp, ent, *gn = self.score(
+            self.models.policy_scorer, ro, range(ro.batch_size), self.selector.needs_old_grad_norm()
+        )
+        return logp, TokenScores(ent, gn[0] if gn else None)
+
+    # ------------------------------------------------------------------ the updates
+
+    def update(self, batch: StepBatch, step: int, timings: dict[str, float], stats: MetricSums) -> torch.Tensor:
+        """Train on `batch`; returns the old-policy entropies `[N, T]` of its tokens (for the
+        entropy percentiles when the backend recorded no sampler entropy)."""
+        cfg, ro = self.cfg, batch.rollout
+        rows_per_mini = self.mini_prompts_per_rank * cfg.rollout.group_size
+        minis = [range(i, min(i + rows_per_mini, ro.batch_size)) for i in range(0, ro.batch_size, rows_per_mini)]
+        on_policy = cfg.optim.epochs == 1 and len(minis) == 1
+        self.models.model.train()
+        t0 = time.perf_counter()
+        old_logp, old = self._old_policy(ro, on_policy)
+        ref_logp = None
+        if self.models.ref_scorer is not None:
+            ref_logp, _ = self.score(self.models.ref_scorer, ro, range(ro.batch_size))
+        timings["old_logprobs_s"] += time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        generator = torch.Generator(device=self.device).manual_seed(mix_seed(cfg.seed, step, self.rank, 7))
+        update_entropies = []
+        for epoch in range(cfg.optim.epochs):
+            for mini_index, rows in enumerate(minis):
+                # Before the step's first optimizer step the weights are those of the old pass.
+                weights_unchanged = epoch == 0 and mini_index == 0
+                ents = self._mini_batch(batch, rows, old, old_logp, ref_logp, weights_unchanged, generator, stats)
+                if on_policy:
+                    update_entropies = ents
+        timings["update_s"] += time.perf_counter() - t0
+        return old.entropy if old is not None else torch.cat(update_entropies)
+
+    def _mini_batch(self, batch, rows, old, old_logp, ref_logp, weights_unchanged, generator, stats):
+        """Accumulate one mini-batch's loss over its micro-batches and step; returns the
+        micro-batches' entropies (detached)."""
+        cfg, ro = self.cfg, batch.rollout
+        micro = self._micro_slices(rows)
+        denoms = loss_denominators(
+            [ro.response_mask[s] for s in micro], cfg.selection.strategy, cfg.selection.ratio,
+            cfg.selection.scope, group=self.group,
+        )  # fmt: skip
+        mini_old = None if old is None else old.rows(slice(rows.start, rows.stop))
+        selection = self.selector.for_mini_batch(
+            ro.response_mask[rows.start : rows.stop],
+            mini_old,
+            weights_unchanged,
+            lambda: TokenScores(
+                *self.score(self.models.policy_scorer, ro, rows, self.selector.needs == "grad_norm")[1:]
+            ),
+            generator,
+            stats,
+        )
+        with_gn = self.selector.forward_returns_grad_norm(old is not None)
+        entropies = []
+        for i, s in enumerate(micro):
+            # Gradients are reduced across processes only on the last micro-batch of the mini-batch.
+            with self._gradient_sync(i == len(micro) - 1):
+                with self.models.autocast():
+                    logp, ent, *gn = self.models.scorer(
+                        ro.prompt_ids[s], ro.prompt_mask[s], ro.response_ids[s], ro.response_mask[s],
+                        cfg.rollout.temperature, return_grad_norm=with_gn,
+                    )  # fmt: skip
+                local = slice(s.start - rows.start, s.stop - rows.start)
+                kept = selection.kept(local, TokenScores(ent, gn[0] if gn else None))
+                inp = PolicyLossInput(
+                    logprobs=logp,
+                    old_logprobs=logp.detach() if old_logp is None else old_logp[s],
+                    advantages=batch.advantages[s],
+                    response_mask=ro.response_mask[s],
+                    kept_mask=kept,
+                    entropy=ent,
+                    ref_logprobs=None if ref_logp is None else ref_logp[s],
+                )
+                out = compute_policy_loss(inp, cfg.loss, denoms, generator)
+                out.loss.backward()
+            stats.update(out.metrics)
+            entropies.append(ent.detach())
+        taken = clipped_step(
+            self.models.trainable_parameters(), self.optimizer, self.scheduler, cfg.optim.grad_clip, stats, self.world
+        )
+        self.on_optimizer_step(taken)
+        return entropies
+
+    def _gradient_sync(self, last: bool):
+        if self.world == 1:
+            return contextlib.nullcontext()
+        if self.models.sharded:
+            self.models.scorer.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
+        return contextlib.nullcontext() if last else self.models.scorer.no_sync()
