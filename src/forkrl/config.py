@@ -32,6 +32,27 @@ class ConfigError(ValueError):
     """A config key or value that cannot be used; the message names the key."""
 
 
+def _check_span(s) -> None:
+    """`selection.region` / `span_pattern` / `strategy=span` fit together; the pattern compiles."""
+    from forkrl.algo.spans import REGIONS, compile_span_pattern
+
+    if s.region not in REGIONS:
+        raise ConfigError(f"selection.region = {s.region!r}: expected one of {', '.join(REGIONS)}")
+    if s.strategy == "span" and s.region == "outside_span":
+        raise ConfigError("selection.region = 'outside_span': strategy 'span' keeps the span itself; use all or span")
+    narrowed = s.strategy == "span" or s.region != "all"
+    if narrowed and not s.span_pattern:
+        raise ConfigError(
+            f"selection.span_pattern is not set: selection.strategy = {s.strategy!r} with region {s.region!r} "
+            "needs a regular expression, e.g. 'p=(?P<span>[0-9.]+)'"
+        )
+    if s.span_pattern:
+        try:
+            compile_span_pattern(s.span_pattern)
+        except ValueError as err:
+            raise ConfigError(f"selection.span_pattern = {s.span_pattern!r}: {err}") from None
+
+
 def _check_backend(r) -> None:
     """`rollout.backend` exists and supports what the rollout settings ask of it."""
     from forkrl.rollout.registry import get_backend, missing_capabilities
@@ -167,6 +188,13 @@ class SelectionConfig:
     entropy_source: str = "current"
     """Entropy used for ranking: `current` policy in the update pass (authors' code) or `old` policy
     (for `gradient`: whose log-prob gradient norm)."""
+    region: str = "all"
+    """Where the strategy picks: `all` response tokens, only the `span` matched by `span_pattern`
+    on the decoded response, or `outside_span` (e.g. top-ρ entropy within the reasoning).
+    `strategy=span` keeps every token of the span (`region` then defaults to `span`)."""
+    span_pattern: str | None = None
+    """Regular expression searched in each decoded response; the span is its named group `span`
+    (else the whole match), the last match counting (`forkrl.algo.spans`)."""
 
 
 @dataclass
@@ -353,6 +381,7 @@ def _validate(cfg: Config, check_files: bool) -> None:
     need(0.0 < s.ratio <= 1.0, "selection.ratio", "a fraction in (0, 1]")
     need(s.scope in SCOPES, "selection.scope", f"one of {list(SCOPES)}")
     need(s.entropy_source in ENTROPY_SOURCES, "selection.entropy_source", " or ".join(ENTROPY_SOURCES))
+    _check_span(s)
     need(
         cfg.advantage.estimator in ADVANTAGE_ESTIMATORS, "advantage.estimator", f"one of {sorted(ADVANTAGE_ESTIMATORS)}"
     )

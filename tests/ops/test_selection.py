@@ -157,7 +157,7 @@ class TestValidation:
             select_tokens(ENTROPY, MASK, "top", 1.5)
 
     def test_unknown_strategy_lists_valid_ones(self):
-        with pytest.raises(ValueError, match=r"'middle'.*\['all', 'bottom', 'gradient', 'random', 'top'\]"):
+        with pytest.raises(ValueError, match=r"'middle'.*\['all', 'bottom', 'gradient', 'random', 'span', 'top'\]"):
             select_tokens(ENTROPY, MASK, "middle")
 
     def test_shape_mismatch(self):

@@ -182,3 +182,51 @@ def test_random_in_batch_scope_runs_no_scoring_pass(
 def test_scopes_are_registered():
     assert list(SCOPES) == ["microbatch", "batch", "global"]
     assert [SCOPES[s].ranks_mini_batch for s in SCOPES] == [False, True, True]
+
+
+@pytest.mark.parametrize("strategy, region", [("span", "all"), ("top", "outside_span")])
+def test_span_selection_keeps_the_span_and_counts_it(
+    tiny_model_dir, prompts_file, tmp_path, monkeypatch, strategy, region
+):
+    """The tiny random model's text has vowels; the span is the last run of vowels of each response."""
+    import forkrl.train.update as update
+    from forkrl.algo.spans import span_token_mask
+
+    seen = []
+    real = update.compute_policy_loss
+
+    def spy(inp, cfg, denoms, generator=None):
+        seen.append((inp.kept_mask.clone(), inp.response_mask.clone(), denoms.num_kept))
+        return real(inp, cfg, denoms, generator)
+
+    monkeypatch.setattr(update, "compute_policy_loss", spy)
+    pattern = "(?P<span>[aeiou]+)"
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            tiny_model_dir, prompts_file, str(tmp_path / "run"),
+            **{"selection.strategy": strategy, "selection.region": region, "selection.span_pattern": pattern,
+               "selection.ratio": 0.5, "trainer.total_steps": 1, "rollout.dynamic_sampling": "false"},
+        ),
+    )  # fmt: skip
+    trainer = Trainer(cfg)
+    batches = []
+    real_collect = trainer.collector.collect
+    trainer.collector.collect = lambda *a, **k: batches.append(real_collect(*a, **k)) or batches[-1]
+    metrics = trainer.train()
+    batch = batches[0]
+    expected, _ = span_token_mask(
+        trainer.tokenizer, batch.rollout.response_ids, batch.rollout.response_mask, pattern,
+        "span" if strategy == "span" else region,
+    )  # fmt: skip
+    assert torch.equal(batch.candidates, expected)
+    kept = torch.cat([k for k, _, _ in seen])
+    assert not (kept & ~expected).any()  # only region tokens carry the gradient
+    per_micro = [int(c.sum()) for c in expected.split(4)]
+    if strategy == "span":
+        assert torch.equal(kept, expected)  # every span token
+        assert seen[0][2] == sum(per_micro)
+    else:
+        assert [int(k.sum()) for k, _, _ in seen] == [math.ceil(0.5 * n) for n in per_micro]
+        assert seen[0][2] == sum(math.ceil(0.5 * n) for n in per_micro)
+    assert 0 < metrics["span_found_frac"] <= 1

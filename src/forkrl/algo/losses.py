@@ -111,26 +111,34 @@ def loss_denominators(
     ratio: float = 1.0,
     scope: str = "batch",
     group=None,
+    candidate_masks: Sequence[torch.Tensor] | None = None,
 ) -> LossDenominators:
     """Denominators for one optimizer step from the response masks of its micro-batches on this rank.
 
     The kept count follows the selection scope (`forkrl.algo.selection.SCOPES`): `microbatch`
     selects ⌈ρ·N_mb⌉ in every micro-batch, `batch` ⌈ρ·N⌉ over this rank's step batch, `global`
-    ⌈ρ·N⌉ over all ranks.
+    ⌈ρ·N⌉ over all ranks. N counts the tokens the strategy may pick: `candidate_masks` when the
+    selection is narrowed to a region of the responses (`selection.region`), else the responses.
     """
     from forkrl.algo.selection import get_scope
 
     rule = get_scope(scope)
+    candidates = micro_batch_masks if candidate_masks is None else candidate_masks
     # One host copy for all micro-batches (this runs once per optimizer step, not per micro-batch).
-    stats = torch.stack([torch.stack([m.sum(), (m.sum(dim=-1) > 0).sum()]) for m in micro_batch_masks]).to(
-        torch.float64
+    stats = torch.stack(
+        [torch.stack([m.sum(), (m.sum(dim=-1) > 0).sum(), c.sum()]) for m, c in zip(micro_batch_masks, candidates)]
+    ).to(torch.float64)
+    per_mb = stats.cpu().tolist()
+    per_mb_tokens = [int(row[0]) for row in per_mb]
+    per_mb_candidates = [int(row[2]) for row in per_mb]
+    kept = rule.local_kept(per_mb_candidates, strategy, ratio)
+    totals = torch.tensor(
+        [float(sum(per_mb_tokens)), float(stats[:, 1].sum()), float(kept), float(sum(per_mb_candidates))],
+        dtype=torch.float64,
     )
-    per_mb_tokens = [int(n) for n in stats[:, 0].cpu().tolist()]
-    kept = rule.local_kept(per_mb_tokens, strategy, ratio)
-    totals = torch.tensor([float(sum(per_mb_tokens)), float(stats[:, 1].sum()), float(kept)], dtype=torch.float64)
     all_reduce_sum(totals, group)
-    num_tokens, num_sequences, num_kept = totals.tolist()
-    num_kept = rule.total_kept(num_kept, int(num_tokens), strategy, ratio)
+    num_tokens, num_sequences, num_kept, num_candidates = totals.tolist()
+    num_kept = rule.total_kept(num_kept, int(num_candidates), strategy, ratio)
     return LossDenominators(
         num_tokens=num_tokens, num_kept=num_kept, num_sequences=num_sequences, dp_world_size=world_size(group)
     )

@@ -132,7 +132,8 @@ class TokenSelector:
 
     @property
     def selects_all(self) -> bool:
-        return self.strategy == "all"
+        """Every candidate token is kept (`all`, or `span` over the span's tokens)."""
+        return self.strategy in ("all", "span")
 
     def needs_old_grad_norm(self) -> bool:
         """The old-policy pass must return gradient norms (`gradient` ranks by them)."""
@@ -154,10 +155,12 @@ class TokenSelector:
         score_current: Callable[[], TokenScores],
         generator: torch.Generator | None,
         stats: MetricSums,
+        narrowed: bool = False,
     ) -> MiniBatchSelection:
         """The selection of one mini-batch.
 
-        candidates: `[rows, T]` the tokens that may be kept (the mini-batch's response tokens).
+        candidates: `[rows, T]` the tokens that may be kept: the mini-batch's response tokens, or
+            with `narrowed` a region of them (`selection.region`, `forkrl.algo.spans`).
         old: the old-policy pass's scores of these rows (None without that pass).
         old_is_current: no optimizer step has happened since the old-policy pass.
         score_current: a no-grad pass over the mini-batch (called only if a mini-batch scope
@@ -172,7 +175,7 @@ class TokenSelector:
             chosen = self._select(scores, candidates, self.group, generator)
             add_selection_stats(stats, chosen)
             mask = chosen.mask
-        return MiniBatchSelection(self, candidates, old, mask, generator, stats)
+        return MiniBatchSelection(self, candidates, old, mask, generator, stats, narrowed)
 
     def _select(self, scores: TokenScores, candidates, group, generator):
         return select_tokens(
@@ -184,9 +187,9 @@ class TokenSelector:
 class MiniBatchSelection:
     """Kept masks of one mini-batch's micro-batches (`kept`), in the order they are trained."""
 
-    def __init__(self, selector, candidates, old, mask, generator, stats):
+    def __init__(self, selector, candidates, old, mask, generator, stats, narrowed=False):
         self.selector, self.candidates, self.old = selector, candidates, old
-        self.mask, self.generator, self.stats = mask, generator, stats
+        self.mask, self.generator, self.stats, self.narrowed = mask, generator, stats, narrowed
 
     def kept(self, rows: slice, current: TokenScores) -> torch.Tensor | None:
         """The kept mask of the micro-batch at `rows` (relative to the mini-batch); `current`: the
@@ -195,7 +198,7 @@ class MiniBatchSelection:
         if self.mask is not None:
             return self.mask[rows]
         if sel.selects_all:
-            return None
+            return self.candidates[rows].bool() if self.narrowed else None
         use_current = sel._uses_current(self.old is not None)
         scores = current if use_current else self.old.rows(rows)
         if sel.needs is None:

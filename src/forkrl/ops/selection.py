@@ -268,6 +268,9 @@ def _select_random(values, valid, k, scope, generator):
 
 # top-k on the gradient norms instead of the entropies
 register_strategy("gradient", needs="grad_norm")(_select_top)
+# every candidate token: with `selection.region=span` (implied) the tokens of a span matched on the
+# decoded text (`forkrl.algo.spans`), which the caller passes in as the mask
+register_strategy("span", needs=None, keeps=every_token)(_select_all)
 
 
 # ----------------------------------------------------------------------- exact radix select

@@ -19,6 +19,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from forkrl.algo.advantages import compute_advantages
+from forkrl.algo.spans import selection_region, span_token_mask
 from forkrl.config import Config
 from forkrl.distributed import reduce_scalars
 from forkrl.metrics import MetricSums
@@ -45,6 +46,9 @@ class StepBatch:
     """`[N]` task score + overlong shaping: what the advantages are computed from."""
     advantages: torch.Tensor
     """`[N]`."""
+    candidates: torch.Tensor | None = None
+    """`[N, R]` bool: the response tokens the selection may pick when `selection.region` narrows
+    it to a span of the text (`forkrl.algo.spans`); None: every response token."""
 
 
 def select_rows(ro: Rollout, idx: torch.Tensor) -> Rollout:
@@ -75,6 +79,7 @@ class BatchCollector:
         self.cfg, self.backend, self.row_seeds, self.tokenizer = cfg, backend, row_seeds, tokenizer
         self.rewarder, self.examples, self.sampler = rewarder, examples, sampler
         self.rank, self.world, self.device = rank, world, device
+        self.region = selection_region(cfg.selection)
         self.prompts_per_rank = cfg.rollout.prompts_per_step // world
         self.round_prompts_per_rank = (cfg.rollout.prompts_per_round or cfg.rollout.prompts_per_step) // world
 
@@ -107,7 +112,7 @@ class BatchCollector:
         """Step `step`'s batch, or None when no process has a trainable group. `on_first_round(rows)`
         receives the first round's samples as dicts (prompt, completion, answer, score, reward)."""
         cfg, g = self.cfg, self.cfg.rollout.group_size
-        kept: list[tuple[Rollout, list[PromptExample], torch.Tensor, torch.Tensor]] = []
+        kept: list[tuple] = []  # (rollout, examples, task scores, shaped rewards, candidates) per round
         num_kept_groups = calls = failed = 0
         first_failure = None
         for round_index in range(cfg.rollout.max_sampling_rounds):
@@ -126,6 +131,7 @@ class BatchCollector:
             lengths = rollout.response_lengths.cpu()
             shaped = shape_rewards(task, lengths, cfg.rollout.max_new_tokens, cfg.reward)
             informative = _add_round_stats(stats, task, shaped, lengths, rollout, scored, g, self.world)
+            candidates = self._region(rollout, stats)
             if round_index == 0 and on_first_round is not None:
                 n = min(cfg.trainer.log_samples, len(texts))
                 on_first_round([_sample_row(examples[i], texts[i], task[i], shaped[i]) for i in range(n)])
@@ -133,7 +139,10 @@ class BatchCollector:
             rows = keep_groups.repeat_interleave(g)
             if rows.any():
                 idx = rows.nonzero().squeeze(1)
-                kept.append((select_rows(rollout, idx), [examples[i] for i in idx.tolist()], task[idx], shaped[idx]))
+                region = None if candidates is None else candidates[idx]
+                kept.append(
+                    (select_rows(rollout, idx), [examples[i] for i in idx.tolist()], task[idx], shaped[idx], region)
+                )
                 num_kept_groups += int(keep_groups.sum())
             if not cfg.rollout.dynamic_sampling:
                 break
@@ -154,8 +163,24 @@ class BatchCollector:
         task = torch.cat([k[2] for k in kept])[rows]
         shaped = torch.cat([k[3] for k in kept])[rows]
         rollout = select_rows(rollout, rows)
+        candidates = None
+        if self.region is not None:
+            width = rollout.response_ids.shape[1]
+            padded = [torch.nn.functional.pad(k[4], (0, width - k[4].shape[1])) for k in kept]
+            candidates = torch.cat(padded)[rows].to(self.device)
         adv = compute_advantages(shaped, g, self.cfg.advantage.estimator, self.cfg.advantage.std_eps)
-        return StepBatch(rollout.to(self.device), examples, task, shaped, adv.advantages.to(self.device))
+        return StepBatch(rollout.to(self.device), examples, task, shaped, adv.advantages.to(self.device), candidates)
+
+    def _region(self, rollout: Rollout, stats: MetricSums) -> torch.Tensor | None:
+        """The tokens of `selection.region` in this round's responses (None for every token)."""
+        if self.region is None:
+            return None
+        mask, counts = span_token_mask(
+            self.tokenizer, rollout.response_ids, rollout.response_mask, self.cfg.selection.span_pattern, self.region
+        )
+        stats.add("span_found_frac", torch.tensor(counts["span_found"]), rollout.batch_size)
+        stats.add("span_offset_fallback_rows", torch.tensor(counts["span_offset_fallback_rows"]), None)
+        return mask.cpu()
 
     def _check_reward_failures(self, step: int, failed: int, calls: int, example: str | None) -> None:
         """Stop when more than `reward.max_failed_fraction` of this step's reward calls failed

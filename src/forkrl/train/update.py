@@ -124,13 +124,15 @@ class PolicyUpdater:
         micro-batches' entropies (detached)."""
         cfg, ro = self.cfg, batch.rollout
         micro = self._micro_slices(rows)
+        narrowed = batch.candidates is not None  # selection.region: a span of the text
+        candidates = batch.candidates if narrowed else ro.response_mask
         denoms = loss_denominators(
             [ro.response_mask[s] for s in micro], cfg.selection.strategy, cfg.selection.ratio,
-            cfg.selection.scope, group=self.group,
+            cfg.selection.scope, group=self.group, candidate_masks=[candidates[s] for s in micro],
         )  # fmt: skip
         mini_old = None if old is None else old.rows(slice(rows.start, rows.stop))
         selection = self.selector.for_mini_batch(
-            ro.response_mask[rows.start : rows.stop],
+            candidates[rows.start : rows.stop],
             mini_old,
             weights_unchanged,
             lambda: TokenScores(
@@ -138,6 +140,7 @@ class PolicyUpdater:
             ),
             generator,
             stats,
+            narrowed,
         )
         with_gn = self.selector.forward_returns_grad_norm(old is not None)
         entropies = []
