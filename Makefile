@@ -25,7 +25,7 @@ TORCH_CPU_SOURCE ?= --find-links /opt/wheels
 LOCK_FLAGS = --python-version 3.11 --constraint requirements/torch-cpu.txt $(TORCH_CPU_SOURCE) \
 	--no-emit-package torch --custom-compile-command "make lock"
 
-.PHONY: install test lint demo bench clean lock test-latest test-oldest
+.PHONY: install test test-gpu lint demo bench clean lock test-latest test-oldest
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,17 @@ lint: $(STAMP)
 
 test: lint
 	$(VENV)/bin/pytest -q
+
+# tests/gpu, the CUDA suite, which `make test` does not collect on a machine without CUDA: with .venv's
+# python when there is one, else $(PYTHON) (e.g. a GPU image's own torch), forkrl from src/. It
+# installs nothing, so it runs offline. benchmarks/gpu_check.sh runs it too, before the GPU figures.
+GPU_PY = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+
+test-gpu:
+	@$(GPU_PY) -c "import importlib.util, sys; importlib.util.find_spec('torch') \
+		or sys.exit('make test-gpu: $(GPU_PY) has no torch'); import torch; torch.cuda.is_available() \
+		or sys.exit('make test-gpu: torch ' + torch.__version__ + ' sees no CUDA device; tests/gpu needs one')"
+	PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY) -m pytest -q -p no:cacheprovider tests/gpu
 
 demo: $(STAMP)
 	$(VENV)/bin/forkrl demo --out runs/demo

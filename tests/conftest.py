@@ -3,9 +3,13 @@
 import json
 
 import pytest
+import torch
 
 from forkrl import fast_paths
 from forkrl.models.tiny import save_tiny_model_dir
+
+# tests/gpu needs CUDA and has its own command (`make test-gpu`); without CUDA it is not collected.
+collect_ignore_glob = [] if torch.cuda.is_available() else ["gpu/*"]
 
 
 @pytest.fixture(autouse=True)

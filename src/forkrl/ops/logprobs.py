@@ -296,7 +296,12 @@ def _project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 class _FusedLinearLogprobsEntropy(torch.autograd.Function):
     """Autograd Function from hidden states; logits exist one `[chunk, V]` block at a time."""
 
+    # Under CUDA autocast (`model.dtype=auto`) the forward's LM-head matmuls run in bf16; the
+    # backward recomputes each chunk's logits, so it must run in the same autocast state, or it
+    # would differentiate fp32 logits against an entropy saved from bf16 ones (and run the big
+    # matmuls in fp32). custom_fwd/custom_bwd carry the forward's state into the backward.
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, hidden, weight, bias, targets, temperature, chunk_rows, tile_rows, with_grad_norm):
         dtype = _compute_dtype(hidden.dtype)
         num_rows = hidden.shape[0]
@@ -321,6 +326,7 @@ class _FusedLinearLogprobsEntropy(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_logprobs, grad_entropy, _grad_norm):
         if grad_logprobs is None and grad_entropy is None:
             return (None,) * 8
