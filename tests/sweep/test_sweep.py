@@ -131,3 +131,31 @@ def test_submitit_local_executor_gives_the_local_launchers_runs(clean_sweep, swe
     config = yaml.safe_load((out / CELLS[0] / "seed_0" / "config.yaml").read_text())
     assert config["selection"]["strategy"] == "top" and config["seed"] == 0
     assert config["output_dir"] == os.fspath((out / CELLS[0] / "seed_0").resolve())
+
+
+def test_exported_results_continue_as_a_sweep_without_run_directories(clean_sweep, sweep_config, tmp_path):
+    """`forkrl sweep export`: what a repository commits (no checkpoints) rebuilds the same report, and a
+    sweep started from it trains only the runs it lacks."""
+    from typer.testing import CliRunner
+
+    from forkrl.cli import app
+    from forkrl.sweep.report import write_report
+
+    clean_out, clean = clean_sweep
+    exported = tmp_path / "results"
+    result = CliRunner().invoke(app, ["sweep", "export", str(clean_out), str(exported)])
+    assert result.exit_code == 0, result.output
+    assert not list(exported.rglob("*.safetensors")) and not list(exported.rglob("checkpoints"))
+    assert len(list(exported.glob("selection.strategy=*/seed_*/sweep_result.json"))) == 4
+    write_report(exported)
+    assert _numbers(json.loads((exported / "summary.json").read_text())) == _numbers(clean)
+    # drop one run's result: continuing from the export trains that run only
+    dropped = exported / "selection.strategy=top" / "seed_1"
+    for f in dropped.rglob("*"):
+        if f.is_file():
+            f.unlink()
+    kept = {p: p.read_bytes() for p in _result_files(exported)}
+    summary = run_sweep(plan_from_options(**_args(sweep_config, exported)), echo=lambda *a: None)
+    assert summary["failed"] == [] and summary["missing"] == []
+    assert all(p.read_bytes() == content for p, content in kept.items())
+    assert _numbers(json.loads((exported / "summary.json").read_text())) == _numbers(clean)

@@ -98,3 +98,17 @@ def report(
     with _user_errors():
         summary = write_report(directory, baseline)
     typer.echo(f"{len(summary['cells'])} cells, {len(summary['missing'])} runs missing; {directory}/summary.md")
+
+
+@app.command("export", epilog="Example: forkrl sweep export runs/toy_ablation docs/ablation/results")
+def export(
+    directory: str = typer.Argument(..., help="A sweep directory (made by forkrl sweep)."),
+    dest: str = typer.Argument(..., help="Where the results go (e.g. a folder you commit)."),
+) -> None:
+    """Copy a sweep's results (report, per-run results and metrics, no checkpoints) to DEST, to commit them;
+    DEST copied back as a sweep directory continues the sweep with the missing runs only."""
+    from forkrl.sweep.export import export_results
+
+    with _user_errors():
+        written = export_results(directory, dest)
+    typer.echo(f"{len(written)} files written to {dest}")
