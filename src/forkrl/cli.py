@@ -226,35 +226,65 @@ app.add_typer(sweep_app, name="sweep")
 
 @app.command("demo", epilog="Example: forkrl demo --steps 50 --strategy top --ratio 0.2 --seed 0 --out runs/demo")
 def demo(
-    steps: int = typer.Option(50, "--steps", help="RL steps (each trains on 32 prompts x 8 responses, drawn from 48)."),
-    strategy: str = typer.Option("top", "--strategy", help="top, all, bottom, random or gradient."),
-    ratio: float = typer.Option(0.2, "--ratio", help="ρ: fraction of tokens kept by top/bottom/random."),
+    task: str = typer.Option(
+        "countdown", "--task", help="countdown (forking-token RLVR) or forecast (calibration with the win-rate reward)."
+    ),
+    steps: int = typer.Option(
+        None,
+        "--steps",
+        help="RL steps (default: countdown 50, each 32 prompts x 8 responses drawn from 48; forecast 100).",
+    ),
+    strategy: str = typer.Option(
+        None, "--strategy", help="top, all, bottom, random or gradient (default: countdown top, forecast all)."
+    ),
+    ratio: float = typer.Option(
+        None, "--ratio", help="ρ: fraction of tokens kept by top/bottom/random (default: countdown 0.2)."
+    ),
     seed: int = typer.Option(0, "--seed"),
     out: str = typer.Option(
-        "runs/demo",
+        None,
         "--out",
-        help="Run directory (report.md, plots, metrics); an earlier demo there is moved aside to OUT.old-<time>.",
+        help="Run directory (report.md, plots, metrics; default runs/demo, or runs/demo_forecast); an earlier demo "
+        "there is moved aside to OUT.old-<time>.",
     ),
-    eval_problems: int = typer.Option(256, "--eval-problems", help="Held-out problems for Acc@8."),
+    eval_problems: int = typer.Option(
+        None, "--eval-problems", help="Held-out problems for Acc@8 (default 256), or games for forecast (default 2048)."
+    ),
     base_model: str = typer.Option(None, "--base-model", help="Toy base model dir (default: the shipped one)."),
     overrides: list[str] = typer.Argument(None, help="key=value overrides of the training config, e.g. optim.lr=3e-4"),
     debug: bool = DEBUG_OPTION,
 ) -> None:
-    """Forking-token RLVR end to end on CPU: the toy Countdown task, before/after table, plots, report."""
+    """RLVR end to end on CPU on a toy task (Countdown or forecasting): before/after table, plots, report."""
     from transformers.utils import logging as hf_logging
 
-    from forkrl.toy.demo import run_demo
-
+    if task not in ("countdown", "forecast"):
+        raise typer.BadParameter(f"--task must be countdown or forecast, got {task!r}")
     hf_logging.disable_progress_bar()  # the model is tiny; load/save bars would only clutter the table
     with user_errors(ValueError, debug=debug):
+        if task == "forecast":
+            from forkrl.toy.forecast_demo import NUM_EVAL_ROWS, run_forecast_demo
+
+            run_forecast_demo(
+                steps=100 if steps is None else steps,
+                strategy=strategy,  # None: the recipe's
+                ratio=ratio,
+                seed=seed,
+                out=out or "runs/demo_forecast",
+                base_model=base_model,
+                eval_rows=NUM_EVAL_ROWS if eval_problems is None else eval_problems,
+                overrides=overrides or [],
+            )
+            return
+        from forkrl.toy.demo import run_demo
+
         run_demo(
-            steps=steps,
-            strategy=strategy,
-            ratio=ratio,
+            steps=50 if steps is None else steps,
+            strategy="top" if strategy is None else strategy,
+            ratio=0.2 if ratio is None else ratio,
             seed=seed,
-            out=out,
+            out=out or "runs/demo",
             base_model=base_model,
-            eval_problems=eval_problems,
+            eval_problems=256 if eval_problems is None else eval_problems,
             overrides=overrides or [],
         )
 
@@ -267,16 +297,25 @@ app.add_typer(toy_app, name="toy")
 def toy_build(
     seed: int = typer.Option(0, "--seed", help="Seeds problems, traces, weights and batch order."),
     out: str = typer.Option(..., "--out", help="Directory for the HF model (config.json, model.safetensors, ...)."),
+    task: str = typer.Option(
+        "countdown", "--task", help="countdown (noisy solver traces) or forecast (over-confident forecasts)."
+    ),
     steps: int = typer.Option(None, "--steps", help="Supervised steps (default: the shipped model's)."),
-    num_traces: int = typer.Option(None, "--num-traces", help="Solver traces to fit (default 60000)."),
+    num_traces: int = typer.Option(None, "--num-traces", help="Traces to fit (default 60000; forecast 30000)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT."),
 ) -> None:
-    """Rebuild the toy base model from scratch: supervised training on a noisy Countdown solver's traces."""
-    from forkrl.toy.build import toy_build_command
+    """Rebuild a toy base model from scratch: supervised training on a noisy Countdown solver's traces,
+    or (--task forecast) on deliberately over-confident forecasts of synthetic games."""
+    if task not in ("countdown", "forecast"):
+        raise typer.BadParameter(f"--task must be countdown or forecast, got {task!r}")
+    if task == "forecast":
+        from forkrl.toy.forecast_build import forecast_build_command as build_command
+    else:
+        from forkrl.toy.build import toy_build_command as build_command
 
     extra = {k: v for k, v in (("steps", steps), ("num_traces", num_traces)) if v is not None}
     try:
-        toy_build_command(seed, out, overwrite=overwrite, **extra)
+        build_command(seed, out, overwrite=overwrite, **extra)
     except FileExistsError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from err

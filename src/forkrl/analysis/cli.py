@@ -221,3 +221,11 @@ def compare(
     from forkrl.analysis.compare import run_compare
 
     _run(run_compare, run_dirs, out, smooth=smooth, accuracy_key=accuracy, fresh=out)
+
+
+from forkrl.analysis.calibration import calibration_command  # noqa: E402  (import-light: no torch)
+
+app.command(
+    "calibration",
+    epilog="Example: forkrl analyze calibration runs/demo_forecast/forecasts_after.jsonl --out cal/",
+)(calibration_command)

@@ -12,6 +12,11 @@ A function that can do better on a whole batch (the math reward, which fans chec
 worker processes) also provides `score_batch(completions, examples, timeout_s) ->
 RewardBatch`; `RewardComputer` then hands it the batch and trusts its counters.
 
+A reward whose score of one response depends on the other responses of the step (the
+forecast calibration rewards of `forkrl.tasks.forecast`) subclasses `BatchReward`: it writes
+`score_all(completions, examples) -> RewardBatch` and inherits a `score_batch` that runs it
+under the same time limit and failure accounting as per-response rewards (see `BatchReward`).
+
 `overlong_penalty` is DAPO's overlong reward shaping; the trainer adds it to the task
 reward before advantages are computed.
 """
@@ -42,6 +47,7 @@ from forkrl.tasks.workers import ProcessPool
 
 __all__ = [
     "REWARD_FUNCTIONS",
+    "BatchReward",
     "MathReward",
     "RewardBatch",
     "RewardComputer",
@@ -85,6 +91,9 @@ class RewardBatch:
     """Calls that returned something other than a finite number."""
     first_failure: str | None = None
     """One line describing the first failed call (its exception, timeout or bad return), if any."""
+    num_invalid_format: int = 0
+    """Responses without a parseable answer, given the reward's documented invalid-format score.
+    They were scored, so they are not failures (not in `num_failed`)."""
 
     @property
     def num_failed(self) -> int:
@@ -413,6 +422,89 @@ class RewardComputer:
         )
 
 
+# ---------------------------------------------------------------------------- batch rewards
+
+
+class BatchReward:
+    """Base of rewards that score a whole batch at once: one response's score may depend on the others'.
+
+    A subclass implements `score_all(completions, examples) -> RewardBatch`, returning one score
+    per response plus its own per-item counts (`num_invalid_format` for responses without a
+    parseable answer, which are scored by the reward's documented rule and are not failures;
+    `num_errors` and `first_failure` for items the reward could not score, e.g. a bad data row).
+
+    `score_batch`, which `RewardComputer` calls with the step's responses and rows (one sampling
+    round of the trainer: `rollout.prompts_per_round` x `rollout.group_size` responses), runs
+    `score_all` with the accounting of per-response rewards, the batch being one call:
+
+    - it runs on a persistent daemon thread of its own, limited to `timeout_s` for the whole batch;
+      past that, every item scores 0 and counts as a timeout (the thread is written off, as for
+      Python-callable rewards);
+    - an exception scores every item 0 and counts each as an error, with the exception's last
+      line in `first_failure`; so does a return that is not a `RewardBatch` of one score per item;
+    - a returned score that is not a finite number scores 0 and counts as invalid (`num_invalid`).
+
+    Called on one response (`reward(completion, example)`), it scores the batch of one, directly.
+    """
+
+    name: str = "batch reward"
+    """Shown in log lines."""
+
+    def score_all(self, completions: Sequence[str], examples: Sequence[PromptExample]) -> RewardBatch:
+        raise NotImplementedError
+
+    def __call__(self, completion: str, example: PromptExample) -> float:
+        return self.score_all([completion], [example]).scores[0]
+
+    def score_batch(
+        self, completions: Sequence[str], examples: Sequence[PromptExample], timeout_s: float
+    ) -> RewardBatch:
+        n = len(completions)
+        if n == 0:
+            return RewardBatch(scores=[])
+        if getattr(self, "_caller", None) is None:
+            self._caller = _GuardedCaller(1)  # started on first use: registering a reward starts nothing
+        ((kind, value),) = self._caller.run(self.score_all, [(list(completions), list(examples))], timeout_s)
+        if kind == _TIMEOUT:
+            return self._failed_batch(n, True, f"timed out after {timeout_s:g} s")
+        if kind == _ERROR:
+            return self._failed_batch(n, False, f"raised {value.strip().splitlines()[-1]}")
+        if not isinstance(value, RewardBatch) or len(value.scores) != n:
+            shown = f"{len(value.scores)} scores" if isinstance(value, RewardBatch) else f"{value!r:.80}"
+            return self._failed_batch(n, False, f"returned {shown}, not a RewardBatch of {n} scores")
+        batch = RewardBatch(
+            scores=[0.0] * n,
+            num_errors=value.num_errors,
+            num_timeouts=value.num_timeouts,
+            num_invalid=value.num_invalid,
+            first_failure=value.first_failure,
+            num_invalid_format=value.num_invalid_format,
+        )
+        for i, raw in enumerate(value.scores):
+            score = _as_score(raw)
+            if score is None:
+                batch.num_invalid += 1
+                if batch.first_failure is None:
+                    batch.first_failure = (
+                        f"batch item {i} (prompt index {examples[i].index}) scored {raw!r:.80}, not a finite number"
+                    )
+            else:
+                batch.scores[i] = score
+        if batch.first_failure is not None:
+            logger.warning("reward %r: %s", self.name, batch.first_failure)
+        return batch
+
+    def _failed_batch(self, n: int, timed_out: bool, what: str) -> RewardBatch:
+        batch = RewardBatch(
+            scores=[0.0] * n,
+            num_errors=0 if timed_out else n,
+            num_timeouts=n if timed_out else 0,
+            first_failure=f"the batch call ({n} responses) {what}",
+        )
+        logger.warning("reward %r: %s", self.name, batch.first_failure)
+        return batch
+
+
 # ---------------------------------------------------------------------------- shaping
 
 
@@ -458,3 +550,8 @@ def accuracy_of(task_scores: torch.Tensor) -> torch.Tensor:
     """Per-response accuracy from task scores: the score clamped to [0, 1] (exactly the 0/1
     verdict of a verifier; a graded reward counts as partial credit)."""
     return task_scores.clamp(0, 1)
+
+
+# The forecast rewards ("forecast_brier", "forecast_log", "forecast_winrate", ...) register
+# themselves; imported last because they subclass `BatchReward`.
+from forkrl.tasks import forecast as _forecast  # noqa: E402, F401

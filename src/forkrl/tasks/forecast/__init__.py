@@ -1,0 +1,84 @@
+"""Probability forecasts as a verifiable task: parsing, proper-scoring and calibration rewards, a toy.
+
+- `scoring`: read a forecast (``p=0.73``, ``73%``, ``\\boxed{0.73}``) and a 0/1 outcome; Brier,
+  clipped log score and the empirical-win-rate reward, all as batch rewards (`ForecastReward`).
+- `matchups`: the synthetic match-up task with known true probabilities (the forecasting toy).
+
+Importing this package (which `forkrl.tasks.rewards` does) registers these rewards:
+
+| name | reward |
+|---|---|
+| ``forecast_brier`` | 1 − (p − y)² |
+| ``forecast_log`` | clipped log score, ε = 0.01 |
+| ``forecast_winrate`` | empirical win rate, 10 bins, Brier weight λ = 0.5 |
+| ``forecast_winrate_pure`` | empirical win rate, 10 bins, λ = 0 (calibration only) |
+| ``forecast_winrate_b5`` / ``forecast_winrate_b20`` | 5 / 20 bins, λ = 0.5 |
+
+Other settings: an instance in a file of your own, named by import path, e.g. ``my_rewards.py``
+holding ``wr = ForecastReward("winrate", bins=20, brier_weight=0.5)`` and
+``reward.function=my_rewards.py:wr``.
+"""
+
+from forkrl.tasks.forecast.matchups import (
+    FORECAST_TEMPLATE,
+    ForecastRow,
+    MatchUp,
+    TraceSettings,
+    forecast_trace,
+    forecast_vocab,
+    generate_rows,
+    matchup_split,
+    rows_to_examples,
+    trace_is_correct,
+    write_rows_jsonl,
+)
+from forkrl.tasks.forecast.scoring import (
+    ForecastReward,
+    ParsedForecast,
+    brier_reward,
+    check_outcomes,
+    empirical_winrate_rewards,
+    equal_width_bin,
+    log_score_reward,
+    outcome_of,
+    parse_forecast,
+    parse_outcome,
+)
+from forkrl.tasks.rewards import register_reward
+
+__all__ = [
+    "FORECAST_REWARDS",
+    "FORECAST_TEMPLATE",
+    "ForecastReward",
+    "ForecastRow",
+    "MatchUp",
+    "ParsedForecast",
+    "TraceSettings",
+    "brier_reward",
+    "check_outcomes",
+    "empirical_winrate_rewards",
+    "equal_width_bin",
+    "forecast_trace",
+    "forecast_vocab",
+    "generate_rows",
+    "log_score_reward",
+    "matchup_split",
+    "outcome_of",
+    "parse_forecast",
+    "parse_outcome",
+    "rows_to_examples",
+    "trace_is_correct",
+    "write_rows_jsonl",
+]
+
+FORECAST_REWARDS = {
+    "forecast_brier": ForecastReward("brier"),
+    "forecast_log": ForecastReward("log"),
+    "forecast_winrate": ForecastReward("winrate"),
+    "forecast_winrate_pure": ForecastReward("winrate", brier_weight=0.0),
+    "forecast_winrate_b5": ForecastReward("winrate", bins=5),
+    "forecast_winrate_b20": ForecastReward("winrate", bins=20),
+}
+"""The registered forecast rewards, by name (the same objects `REWARD_FUNCTIONS` holds)."""
+for _name, _reward in FORECAST_REWARDS.items():
+    register_reward(_name, _reward)
