@@ -120,7 +120,9 @@ class RewardConfig:
     """How a response is scored."""
 
     function: str = "math"
-    """Reward function: `math` (math-verify on the `\\boxed{}` / `Answer:` answer), or `module:function`."""
+    """Reward function: `math` (math-verify on the `\\boxed{}` / `Answer:` answer), another registered
+    name (`forecast_brier`, `forecast_log`, `forecast_winrate`, ...), or an import path `module:function`
+    (a function, a reward object or a class)."""
     timeout_s: float = 5.0
     """Time limit of one reward call; a call that runs over scores 0 and is counted. `module:function`
     rewards run in worker processes, and a call over the limit is killed with its process."""
@@ -133,6 +135,13 @@ class RewardConfig:
     """Length of the soft-penalty zone in tokens (paper: 4096 of 20480)."""
     overlong_penalty: float = 1.0
     """Penalty at the max length (grows linearly from 0 across the zone)."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Options of the reward, e.g. `{bins: 20, brier_weight: 0.0}` (set one with `reward.kwargs.bins=20`).
+    A registered reward object with options (the forecast rewards: `rule`, `bins`, `brier_weight`,
+    `log_eps`, `invalid_score`, `outcome_key`) is replaced by a copy with these options changed; a
+    class (`module:Class`) is instantiated with them; a function is called as
+    `fn(completion, example, **kwargs)`, in its worker processes too. An unknown key stops the run
+    before the model loads, naming the valid ones."""
 
 
 @dataclass
@@ -242,6 +251,9 @@ class TrainerConfig:
     """k of Acc@k / Len@k: samples per question at evaluation (paper: 16 at T = 1)."""
     eval_max_new_tokens: int = 0
     """Max response length at evaluation (0 = `rollout.max_new_tokens`)."""
+    eval_reward: str = ""
+    """The reward evaluation scores with (a registered name or `module:function`, without options);
+    empty: `reward.function` with `reward.kwargs`. E.g. `forecast_truth` on the forecasting toy."""
     log_samples: int = 4
     """Completions per step written to `samples.jsonl`."""
     max_bad_steps: int = 3
@@ -289,7 +301,8 @@ def _type_name(tp: Any) -> str:
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp` (int, float, bool, str, list[...], X | None)."""
+    """Check `value` against the annotation `tp` (int, float, bool, str, list[...], dict[str, ...],
+    X | None); a `dict[str, Any]` keeps its values (YAML scalars, lists, mappings) as they are."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -297,6 +310,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], key)
+    if origin is dict:
+        if value is None:  # `kwargs:` with nothing after it in a YAML file
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping such as {{name: value}}, got {value!r}")
+        _, value_tp = typing.get_args(tp)
+        out = {}
+        for name, item in value.items():
+            if not isinstance(name, str):
+                raise ConfigError(f"{key}: expected string keys, got {name!r}")
+            out[name] = item if value_tp is Any else _coerce(item, value_tp, f"{key}.{name}")
+        return out
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if isinstance(value, (str, int, float)) and item_tp is str and isinstance(value, str):
@@ -360,7 +385,9 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or an empty YAML entry (`kwargs:`)
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
             raise ConfigError(f"override {dotted}: {part} is not a section")
     node[parts[-1]] = value

@@ -243,3 +243,17 @@ def test_rejects_bad_arguments(policy, workdir):
         evaluate_model(model, tok, workdir[1], k=0)
     with pytest.raises(ValueError, match="no benchmark files"):
         evaluate_model(model, tok, [])
+
+
+def test_run_config_evaluation_scores_with_eval_reward(monkeypatch):
+    import forkrl.eval.accuracy as acc
+    from forkrl.config import load_config
+
+    seen = []
+    monkeypatch.setattr(acc, "evaluate_model", lambda *a, **kw: seen.append(kw))
+    cfg = load_config(None, ["reward.function=forecast_winrate", "reward.kwargs.bins=20"], check_files=False)
+    acc.evaluate_with_run_config(None, None, cfg)
+    assert (seen[-1]["reward_fn"], seen[-1]["reward_kwargs"]) == ("forecast_winrate", {"bins": 20})
+    cfg.trainer.eval_reward = "forecast_truth"  # scores instead, without the training reward's options
+    acc.evaluate_with_run_config(None, None, cfg)
+    assert (seen[-1]["reward_fn"], seen[-1]["reward_kwargs"]) == ("forecast_truth", None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import threading
 
 import pytest
@@ -234,6 +235,43 @@ def test_winrate_reward_through_reward_computer_matches_the_formula():
     assert reward("p=0.7", _examples([1])[0]) == pytest.approx(0.91)
 
 
+def test_with_options_copies_a_registered_reward_with_options_replaced():
+    texts, examples = ["p=0.2", "p=0.4", "p=0.7", "p=0.9"], _examples([0, 1, 1, 0])
+    registered = FORECAST_REWARDS["forecast_winrate"]
+    # B = 10, λ = 0.5: each forecast alone in its bin, ȳ = its own outcome, so plain Brier 1 − (p − y)².
+    assert RewardComputer(registered)(texts, examples).scores == pytest.approx([0.96, 0.64, 0.91, 0.19])
+    # B = 2, λ = 0.25: bins [0, .5) = {0.2, 0.4} and [.5, 1] = {0.7, 0.9}, each with ȳ = 1/2, so
+    # r = 0.75 · (1 − (p − 0.5)²) + 0.25 · (1 − (p − y)²):
+    #   0.2, y 0: 0.75 · 0.91 + 0.25 · 0.96 = 0.9225      0.4, y 1: 0.75 · 0.99 + 0.25 · 0.64 = 0.9025
+    #   0.7, y 1: 0.75 · 0.96 + 0.25 · 0.91 = 0.9475      0.9, y 0: 0.75 · 0.84 + 0.25 · 0.19 = 0.6775
+    changed = registered.with_options(bins=2, brier_weight=0.25)
+    assert RewardComputer(changed)(texts, examples).scores == pytest.approx([0.9225, 0.9025, 0.9475, 0.6775])
+    assert (registered.bins, registered.brier_weight) == (10, 0.5)  # the registered object is untouched
+    assert changed.options() == {
+        "rule": "winrate", "bins": 2, "brier_weight": 0.25, "log_eps": 0.01, "invalid_score": 0.0, "outcome_key": None,
+    }  # fmt: skip
+    # The class by import path, instantiated with the options: the log score with ε = 0.1 is
+    # 1 + log10(q); 0.95 is clipped to 0.9. q = 0.9: 1 − 0.0457575; q = 0.5: 1 − 0.30103.
+    batch = RewardComputer("forkrl.tasks.forecast:ForecastReward", reward_kwargs={"rule": "log", "log_eps": 0.1})(
+        ["p=0.9", "p=0.95", "p=0.5"], _examples([1, 1, 0])
+    )
+    assert batch.scores == pytest.approx([0.9542425, 0.9542425, 0.6989700], abs=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"bns": 2}, "unknown key 'bns'; valid keys: rule, bins, brier_weight, log_eps, invalid_score, outcome_key"),
+        ({"bins": 0}, "need bins >= 1"),
+        ({"bins": 2.5}, "bins must be an integer, got 2.5"),
+        ({"rule": "crps"}, "unknown forecast rule 'crps'"),
+    ],
+)
+def test_with_options_rejects_unknown_keys_and_bad_values(options, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        FORECAST_REWARDS["forecast_winrate"].with_options(**options)
+
+
 def test_a_bad_outcome_row_is_one_error_and_leaves_the_bins():
     texts = ["p=0.8", "p=0.8", "p=0.8"]
     examples = _examples([1, "maybe", 0])
@@ -348,3 +386,20 @@ def test_examples_carry_the_outcome_as_answer_and_the_row_as_metadata():
     assert ex[0].prompt == rows[0].matchup.question + "\n"
     assert ex[1].metadata["true_p"] == rows[1].matchup.true_probability and ex[2].index == 2
     assert [outcome_of(e) for e in ex] == [r.outcome for r in rows]
+
+
+def test_truth_score_against_the_true_probability():
+    from forkrl.tasks.forecast import truth_score
+    from forkrl.tasks.rewards import load_reward_fn
+
+    ex = PromptExample(prompt="q", question="q", answer="1", index=3, metadata={"true_p": 0.6})
+    assert load_reward_fn("forecast_truth") is truth_score
+    assert truth_score("so p=0.9", ex) == pytest.approx(1 - 0.3**2)  # 0.91, whatever the outcome
+    assert truth_score("p=0.6", ex) == pytest.approx(1.0)
+    assert truth_score("no forecast here", ex) == 0.0
+    with pytest.raises(
+        ValueError, match=r"prompt index 3: field 'true_p' must be a probability in \[0, 1\], got no such field"
+    ):
+        truth_score("p=0.5", PromptExample(prompt="q", question="q", answer="1", index=3, metadata={}))
+    with pytest.raises(ValueError, match="got 1.5"):
+        truth_score("p=0.5", PromptExample(prompt="q", question="q", answer="1", index=3, metadata={"true_p": 1.5}))

@@ -17,6 +17,8 @@ from forkrl.tasks.rewards import (
     REWARD_FUNCTIONS,
     MathReward,
     RewardComputer,
+    RewardOptionsError,
+    configure_reward,
     load_reward_fn,
     overlong_penalty,
     register_reward,
@@ -158,6 +160,77 @@ def test_math_reward_batch_path():
         batch = computer(["\\boxed{\\frac{1}{2}}", "\\boxed{2}", "Answer: 1/2"], examples)
     assert batch.scores == [1.0, 0.0, 1.0]
     assert (batch.num_errors, batch.num_timeouts, batch.num_invalid) == (0, 0, 0)
+
+
+# ---------------------------------------------------------------------------- options (reward.kwargs)
+
+OPTIONS_MODULE = textwrap.dedent(
+    """
+    def scaled_length(completion, example, scale=1.0, offset=0.0):
+        return scale * len(completion) + offset
+
+    class Prefix:
+        def __init__(self, prefix):
+            self.prefix = prefix
+
+        def __call__(self, completion, example):
+            return float(completion.startswith(self.prefix))
+    """
+)
+
+
+@pytest.fixture
+def options_file(tmp_path):
+    path = tmp_path / "option_rewards.py"
+    path.write_text(OPTIONS_MODULE)
+    return path
+
+
+def test_a_function_gets_its_kwargs_in_the_worker_processes(options_file):
+    # scale * len + offset with scale 0.5, offset 1: "abcd" -> 0.5 * 4 + 1 = 3, "" -> 1, "ab" -> 2.
+    computer = RewardComputer(f"{options_file}:scaled_length", reward_kwargs={"scale": 0.5, "offset": 1})
+    try:
+        assert computer._pool is not None  # a file.py:function spec runs in worker processes
+        batch = computer(["abcd", "", "ab"], _examples(3))
+    finally:
+        computer.close()
+    assert batch.scores == [3.0, 1.0, 2.0] and batch.num_failed == 0
+    # The same options reach a Python callable, which runs on threads: scale 2, offset 0 -> 2 * len.
+    fn = load_reward_fn(f"{options_file}:scaled_length")
+    assert RewardComputer(fn, reward_kwargs={"scale": 2.0})(["abc"], _examples(1)).scores == [6.0]
+
+
+def test_a_class_is_instantiated_with_its_kwargs(options_file):
+    computer = RewardComputer(f"{options_file}:Prefix", reward_kwargs={"prefix": "ok"})
+    try:
+        batch = computer(["ok fine", "not ok", "ok"], _examples(3))
+    finally:
+        computer.close()
+    assert batch.scores == [1.0, 0.0, 1.0] and batch.num_failed == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "message"),
+    [
+        (
+            "scaled_length",
+            {"scael": 2},
+            "reward '{file}:scaled_length': unknown key 'scael'; valid keys: scale, offset",
+        ),
+        ("Prefix", {"prefx": "a"}, "reward '{file}:Prefix': unknown key 'prefx'; valid keys: prefix"),
+        ("Prefix", {}, "reward '{file}:Prefix': missing a required argument: 'prefix'; valid keys: prefix"),
+    ],
+)
+def test_unknown_or_missing_options_name_the_valid_ones(options_file, name, options, message):
+    with pytest.raises(RewardOptionsError) as err:
+        configure_reward(f"{options_file}:{name}", options)
+    assert str(err.value) == message.format(file=options_file)
+
+
+def test_options_for_a_reward_that_takes_none():
+    with pytest.raises(RewardOptionsError, match=r"^reward 'math': unknown key 'x'; it takes no options$"):
+        configure_reward("math", {"x": 1})
+    assert configure_reward("math") == (REWARD_FUNCTIONS["math"], {})
 
 
 # ---------------------------------------------------------------------------- overlong shaping

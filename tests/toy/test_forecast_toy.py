@@ -85,10 +85,18 @@ def test_demo_rejects_an_unknown_task(tmp_path):
 
 def test_sweep_setup_writes_the_games_once(tmp_path):
     overrides = forecast_sweep_setup(tmp_path, seed=2)
-    path = tmp_path / "forecast_train_seed_2.jsonl"
-    assert overrides == [f"model.name={SHIPPED_FORECAST_MODEL}", f"data.train_files=[{path.resolve()}]"]
+    path, test = tmp_path / "forecast_train_seed_2.jsonl", tmp_path / "forecast_test.jsonl"
+    assert overrides == [
+        f"model.name={SHIPPED_FORECAST_MODEL}",
+        f"data.train_files=[{path.resolve()}]",
+        f"data.eval_files=[{test.resolve()}]",
+    ]
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(rows) == 4096 and rows[0]["outcome"] == generate_rows(1, seed=2)[0].outcome
+    # the demo's held-out games: test split, the shipped model's eval seed, the same for every seed
+    held_out = [json.loads(line) for line in test.read_text().splitlines()]
+    assert len(held_out) == 2048 and held_out[0]["true_p"] == generate_rows(1, 1234, "test")[0].matchup.true_probability
+    assert forecast_sweep_setup(tmp_path, seed=3)[2] == overrides[2]
     assert forecast_sweep_setup(tmp_path, seed=2) == overrides  # again: the same file is fine
     path.write_text(path.read_text().replace('"outcome": 1', '"outcome": 0', 1))
     with pytest.raises(FileExistsError, match="other games"):

@@ -1,5 +1,7 @@
 """Reward functions for trainer tests: cheap, deterministic, and varied under a random tiny model."""
 
+from forkrl.tasks.rewards import BatchReward, RewardBatch
+
 
 def vowel_fraction(completion: str, example) -> float:
     """Share of vowels in the completion: differs between almost any two samples."""
@@ -48,3 +50,19 @@ def slow_vowel_fraction(completion: str, example) -> float:
 
     time.sleep(0.05)
     return vowel_fraction(completion, example)
+
+
+class EveryNthInvalid(BatchReward):
+    """A batch reward with an option (`reward.function=tests.train.reward_fns:EveryNthInvalid`,
+    `reward.kwargs.every=N`): the responses at batch positions 0, N, 2N, ... have an invalid format
+    (score 0, counted in `num_invalid_format`); the others score their vowel fraction."""
+
+    name = "every_nth_invalid"
+
+    def __init__(self, every: int = 2):
+        self.every = every
+
+    def score_all(self, completions, examples):
+        invalid = [i % self.every == 0 for i in range(len(completions))]
+        scores = [0.0 if bad else vowel_fraction(text, None) for bad, text in zip(invalid, completions)]
+        return RewardBatch(scores, num_invalid_format=sum(invalid))

@@ -36,6 +36,7 @@ REQUIRED_METRICS = [
     "grad_norm",
     "loss",
     "groups_trained",
+    "reward_invalid_format",
     *[f"entropy_p{p}" for p in range(0, 101, 10)],
 ]
 
@@ -110,6 +111,21 @@ class TestTrainTinyModel:
         a, b = _weights(plain_dir / "checkpoints" / "step_000001"), _weights(over_dir / "checkpoints" / "step_000001")
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+    def test_invalid_format_fraction_is_logged(self, tiny_model_dir, prompts_file, tmp_path):
+        # EveryNthInvalid with every=4 (a class named by import path, built with reward.kwargs): of each
+        # round's 2 prompts x 4 responses, batch positions 0 and 4 have no parseable answer, so
+        # 2 / 8 = 0.25 of the responses in every round, however many rounds the step takes.
+        out = tmp_path / "run"
+        extra = {
+            "reward.function": "tests.train.reward_fns:EveryNthInvalid",
+            "reward.kwargs.every": 4,
+            "trainer.total_steps": 1,
+        }
+        metrics = run_training(None, tiny_overrides(tiny_model_dir, prompts_file, str(out), **extra))
+        (record,) = _records(out)
+        assert record["reward_invalid_format"] == metrics["reward_invalid_format"] == 0.25
+        assert record["reward_errors"] == 0  # scored by the reward's rule: not failures
 
     @pytest.mark.parametrize(
         ("fn", "shown"),

@@ -40,6 +40,7 @@ from forkrl import fast_paths
 from forkrl.io import atomic_write_json, atomic_write_text, fresh_output_dir
 from forkrl.rollout.base import GenerationBackend, SamplingParams
 from forkrl.rollout.hf import HFGenerationBackend
+from forkrl.seeding import mix_seed
 from forkrl.tasks.data import PromptDataError, PromptExample, load_prompts
 from forkrl.tasks.math import DEFAULT_TIMEOUT_S
 from forkrl.tasks.rewards import RewardComputer, RewardFn
@@ -192,6 +193,7 @@ def evaluate_model(
     backend: GenerationBackend | None = None,
     split: str = "test",
     reward_timeout_s: float = DEFAULT_TIMEOUT_S,
+    reward_kwargs: dict[str, Any] | None = None,
     keep_completions: bool = False,
 ) -> EvalReport:
     """Sample `k` responses per question of each file and report Acc@k / Len@k (module docstring).
@@ -211,6 +213,7 @@ def evaluate_model(
         limit: evaluate only the first `limit` questions of each file.
         backend: a `GenerationBackend` to sample with; default `HFGenerationBackend(model, ...)`.
         reward_timeout_s: per-sample time limit of the reward.
+        reward_kwargs: the reward's options (`reward.kwargs`, `forkrl.tasks.rewards.configure_reward`).
         keep_completions: keep the decoded responses in the per-question details.
     """
     if isinstance(files, (str, os.PathLike)):
@@ -223,7 +226,7 @@ def evaluate_model(
         if model is None:
             raise ValueError("pass a model or a backend")
         backend = HFGenerationBackend(model, tokenizer, batch_size=batch_size)
-    rewards = RewardComputer(reward_fn, timeout_s=reward_timeout_s)
+    rewards = RewardComputer(reward_fn, timeout_s=reward_timeout_s, reward_kwargs=reward_kwargs)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
 
     names = _short_names([os.fspath(f) for f in files])
@@ -323,11 +326,11 @@ def _evaluate_file(
 
 
 def _chunk_seed(seed: int | None, chunk: int) -> int | None:
-    """An independent seed for each chunk (SeedSequence mixing, not `seed + chunk`, so that
-    seeds 0 and 1 do not share streams shifted by one chunk)."""
+    """An independent seed for each chunk: `mix_seed(seed, chunk)`, the run-wide seed mixer (not
+    `seed + chunk`, so that seeds 0 and 1 do not share streams shifted by one chunk)."""
     if seed is None:
         return None
-    return int(np.random.SeedSequence([seed % 2**64, chunk]).generate_state(1)[0])
+    return mix_seed(seed, chunk)
 
 
 def _short_names(sources: list[str]) -> list[str]:
@@ -350,7 +353,7 @@ def evaluate_with_run_config(model: PreTrainedModel, tokenizer: PreTrainedTokeni
     """Acc@k / Len@k on `cfg.data.eval_files` with a run's own settings (`cfg`: a `forkrl.config.Config`):
     k = `trainer.eval_samples`, the rollout temperature and length limit, the reward, the data keys
     and template, and the run's seed. The trainer's eval steps and a sweep's final evaluation both
-    call it, so they sample with the same seeds."""
+    call it, so they sample with the same seeds. `trainer.eval_reward`, when set, scores instead."""
     return evaluate_model(
         model,
         tokenizer,
@@ -358,13 +361,14 @@ def evaluate_with_run_config(model: PreTrainedModel, tokenizer: PreTrainedTokeni
         k=cfg.trainer.eval_samples,
         max_new_tokens=cfg.trainer.eval_max_new_tokens or cfg.rollout.max_new_tokens,
         temperature=cfg.rollout.temperature,
-        reward_fn=cfg.reward.function,
+        reward_fn=cfg.trainer.eval_reward or cfg.reward.function,
         question_key=cfg.data.question_key,
         answer_key=cfg.data.answer_key,
         template=cfg.data.template,
         batch_size=cfg.rollout.generation_batch_size,
         seed=cfg.seed,
         reward_timeout_s=cfg.reward.timeout_s,
+        reward_kwargs=None if cfg.trainer.eval_reward else cfg.reward.kwargs,
     )
 
 

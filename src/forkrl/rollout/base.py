@@ -130,6 +130,24 @@ class Rollout:
         )
 
 
+def pad_rows(
+    rows: Sequence[Sequence[int]], pad_id: int, left: bool, min_len: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[B, L]` long ids and their 0/1 mask from token lists of different lengths, padded with
+    `pad_id` on the left (prompts, flush against the response) or on the right (responses);
+    L = max(longest row, `min_len`)."""
+    width = max([min_len, *(len(r) for r in rows)])
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if len(r) == 0:
+            continue
+        cols = slice(width - len(r), width) if left else slice(0, len(r))
+        ids[i, cols] = torch.as_tensor(r, dtype=torch.long)
+        mask[i, cols] = 1
+    return ids, mask
+
+
 def _to(t: torch.Tensor | None, device: str | torch.device) -> torch.Tensor | None:
     return None if t is None else t.to(device)
 

@@ -41,7 +41,7 @@ from forkrl.models import compat
 from forkrl.models.loading import unwrap_peft
 from forkrl.models.mode import eval_mode
 from forkrl.models.scoring import prompt_groups, shared_prefix_unsupported
-from forkrl.rollout.base import Prompts, Rollout, SamplingParams
+from forkrl.rollout.base import Prompts, Rollout, SamplingParams, pad_rows
 from forkrl.rollout.decode import decode_tokens
 from forkrl.rollout.entropy_temperature import EntropyAwareTemperature, entropy_of_logits
 from forkrl.rollout.kv_cache import growing_cache
@@ -160,11 +160,7 @@ class HFGenerationBackend:
         # Left padding keeps every prompt flush against its response, so step t of every row is the
         # same column and the KV cache stays rectangular.
         B, P = len(prompts), max(len(p) for p in prompts)
-        prompt_ids = torch.full((B, P), self.pad_token_id, dtype=torch.long)
-        prompt_mask = torch.zeros((B, P), dtype=torch.long)
-        for row, p in enumerate(prompts):
-            prompt_ids[row, P - len(p) :] = torch.tensor(p, dtype=torch.long)
-            prompt_mask[row, P - len(p) :] = 1
+        prompt_ids, prompt_mask = pad_rows(prompts, self.pad_token_id, left=True)
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
 
         seeds = None if row_seeds is None else torch.tensor(row_seeds, dtype=torch.long, device=device)

@@ -8,6 +8,12 @@ overruns the time limit each scores 0 and is counted (the trainer stops a run wh
 of a step's calls fail). Import-path rewards run in worker processes that are killed on
 timeout, so even a call stuck in C code cannot hang the run.
 
+Options (`reward.kwargs`) reach a reward by its kind (`configure_reward`): a class named by import
+path is instantiated with them, a reward object with options (`BatchReward.with_options`, e.g. the
+forecast rewards) is copied with them replaced, and a function is called as
+`fn(completion, example, **kwargs)` (verl's `reward_kwargs`). Keys the reward does not take raise
+`RewardOptionsError` naming them and the valid ones, before anything is scored.
+
 A function that can do better on a whole batch (the math reward, which fans checks out to
 worker processes) also provides `score_batch(completions, examples, timeout_s) ->
 RewardBatch`; `RewardComputer` then hands it the batch and trusts its counters.
@@ -26,6 +32,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import inspect
 import logging
 import math
 import numbers
@@ -35,9 +42,9 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -52,6 +59,8 @@ __all__ = [
     "RewardBatch",
     "RewardComputer",
     "RewardFn",
+    "RewardOptionsError",
+    "configure_reward",
     "load_reward_fn",
     "accuracy_of",
     "overlong_penalty",
@@ -175,6 +184,71 @@ def load_reward_fn(spec: str | RewardFn) -> RewardFn:
     return obj
 
 
+class RewardOptionsError(ValueError):
+    """Options (`reward.kwargs`) the reward does not take; the message names them and the valid ones."""
+
+
+def _check_arguments(fn: Callable, options: Mapping[str, Any], leading: tuple = ()) -> None:
+    """`fn(*leading, **options)` binds to `fn`'s signature; else `RewardOptionsError` naming the
+    unknown (or missing) keys and the keyword parameters `fn` has after the `leading` ones."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return  # a builtin without a readable signature: the first call will tell
+    try:
+        signature.bind(*leading, **options)
+        return
+    except TypeError as err:
+        problem = str(err)
+    params = list(signature.parameters.values())
+    keyword = [p.name for p in params[len(leading) :] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    valid = f"valid keys: {', '.join(keyword)}" if keyword else "it takes no options"
+    unknown = [k for k in options if k not in keyword]
+    if unknown and not any(p.kind is p.VAR_KEYWORD for p in params):
+        problem = f"unknown key {', '.join(map(repr, unknown))}"
+    raise RewardOptionsError(f"{problem}; {valid}")
+
+
+def configure_reward(spec: str | RewardFn, options: Mapping[str, Any] | None = None) -> tuple[RewardFn, dict]:
+    """The reward `spec` names (`load_reward_fn`) with its `options` (`reward.kwargs`) applied.
+
+    Returns `(reward, call_kwargs)`: a response is scored as `reward(completion, example, **call_kwargs)`.
+
+    - a class (`module:Class`): `Class(**options)` (no options: `Class()`); call_kwargs empty;
+    - a reward object with options (`with_options`, e.g. a `BatchReward`): with options, the copy
+      `reward.with_options(**options)`, the registered object left as it is; call_kwargs empty;
+    - a function (any other callable): itself, with call_kwargs = `options`.
+
+    Checked now, before anything is scored: keys a function or class does not take (by
+    `inspect.signature(...).bind`), options for a reward object that takes none, and the reward's
+    own checks of the values (`ValueError`/`TypeError` from its constructor) raise
+    `RewardOptionsError` "reward 'SPEC': unknown key 'k'; valid keys: ...". A bad `spec` raises
+    `load_reward_fn`'s ValueError, and so does a class whose constructor fails without options.
+    The result depends on (spec, options) alone, so the worker processes of an import-path reward
+    rebuild the same reward from them.
+    """
+    options = dict(options or {})
+    obj = load_reward_fn(spec)
+    try:
+        if isinstance(obj, type):
+            _check_arguments(obj, options)
+            return obj(**options), {}
+        if hasattr(obj, "with_options"):
+            return (obj.with_options(**options) if options else obj), {}
+        if isinstance(obj, BatchRewardFn):
+            if options:  # its score_batch gets the whole batch and nothing else
+                raise RewardOptionsError(f"unknown key {', '.join(map(repr, options))}; it takes no options")
+            return obj, {}
+        if options:
+            _check_arguments(obj, options, leading=("completion", "example"))
+        return obj, options
+    except (TypeError, ValueError) as err:
+        name = spec if isinstance(spec, str) else getattr(obj, "__name__", None) or getattr(obj, "name", repr(obj))
+        # A class that fails to build without options has a problem of its own, not of its options.
+        kind = RewardOptionsError if options or isinstance(err, RewardOptionsError) else ValueError
+        raise kind(f"reward {name!r}: {err}") from err
+
+
 def _import_reward_module(module_part: str, spec: str):
     if module_part.endswith(".py") or os.sep in module_part or "/" in module_part:
         path = os.path.abspath(module_part)
@@ -289,15 +363,16 @@ def _as_score(value: object) -> float | None:
     return score if math.isfinite(score) else None
 
 
-def _reward_worker_setup(spec: str, parent_sys_path: list[str]):
-    """Runs once in each reward worker process: import the reward and return a checked caller."""
+def _reward_worker_setup(spec: str, parent_sys_path: list[str], options: dict | None = None):
+    """Runs once in each reward worker process: import the reward, apply its `options`
+    (`configure_reward`, as in the parent) and return a checked caller."""
     # A fork server started earlier (or by another pool) does not see the parent's later
     # sys.path changes; the reward's module must resolve exactly as in the parent.
     sys.path[:0] = [p for p in parent_sys_path if p not in sys.path]
-    fn = load_reward_fn(spec)
+    fn, call_kwargs = configure_reward(spec, options)
 
     def call(completion: str, example: PromptExample) -> tuple[float | None, str]:
-        value = fn(completion, example)
+        value = fn(completion, example, **call_kwargs)
         # Converted here: the raw value (a tensor, a custom object) may not survive pickling.
         return _as_score(value), f"{value!r:.80}"
 
@@ -326,12 +401,13 @@ class RewardComputer:
 
     Where the reward runs:
 
-    - a `"module:function"` / `"file.py:function"` spec: in `max_concurrency` worker
+    - a `"module:function"` / `"file.py:function"` spec of a per-response reward: in `max_concurrency` worker
       processes (`forkrl.tasks.workers.ProcessPool`, the mechanism behind the math reward). A
       call that overruns `timeout_s` is killed with its process, even when it is stuck in C
       code (a catastrophic regex), and the process is replaced; nothing keeps spinning. The
       function and its module are imported in the parent first, so a bad spec fails at once.
-    - a batch reward (`score_batch`, e.g. "math"): handed the whole batch; it isolates itself.
+    - a batch reward (`score_batch`, e.g. "math", or a `BatchReward` named by import path):
+      handed the whole batch in this process; it isolates itself.
     - a Python callable or a name registered at runtime: on `max_concurrency` persistent
       daemon threads (it need not be picklable). A timed-out call cannot be killed: its
       thread is written off, exits if the call ever returns, and is replaced. CPU-bound
@@ -345,12 +421,18 @@ class RewardComputer:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         max_concurrency: int = 4,
         max_logged_errors: int = 5,
+        reward_kwargs: Mapping[str, Any] | None = None,
     ):
+        """`reward_kwargs`: the reward's options (`reward.kwargs`), applied by `configure_reward`;
+        unknown keys raise `RewardOptionsError` here, before any worker starts."""
         if not (timeout_s > 0 and math.isfinite(timeout_s)) or max_concurrency < 1:
             raise ValueError(
                 f"need a finite timeout_s > 0 and max_concurrency >= 1, got {timeout_s}, {max_concurrency}"
             )
-        self.reward_fn = load_reward_fn(reward_fn)
+        reward_kwargs = dict(reward_kwargs or {})
+        self.reward_fn, call_kwargs = configure_reward(reward_fn, reward_kwargs)
+        # Plain functions with options run on threads as fn(completion, example, **options).
+        self._thread_fn = functools.partial(self.reward_fn, **call_kwargs) if call_kwargs else self.reward_fn
         self.name = reward_fn if isinstance(reward_fn, str) else getattr(reward_fn, "__name__", repr(reward_fn))
         self.timeout_s = timeout_s
         self.max_concurrency = max_concurrency
@@ -358,8 +440,12 @@ class RewardComputer:
         self._logged = 0
         self._caller: _GuardedCaller | None = None  # threads start on the first plain-function batch
         self._pool: ProcessPool | None = None
-        if _is_import_spec(reward_fn):
-            setup = functools.partial(_reward_worker_setup, _absolute_spec(reward_fn), [os.getcwd(), *sys.path])
+        # A batch reward named by import path scores itself in this process: no workers for it.
+        if _is_import_spec(reward_fn) and not isinstance(self.reward_fn, BatchRewardFn):
+            # The workers rebuild the reward from (spec, options): both picklable, the reward itself need not be.
+            setup = functools.partial(
+                _reward_worker_setup, _absolute_spec(reward_fn), [os.getcwd(), *sys.path], reward_kwargs
+            )
             workers = min(max_concurrency, os.cpu_count() or 1)
             self._pool = ProcessPool(setup, workers, name="forkrl-reward")
 
@@ -378,7 +464,7 @@ class RewardComputer:
         else:
             if self._caller is None:
                 self._caller = _GuardedCaller(self.max_concurrency)
-            outcomes = self._caller.run(self.reward_fn, calls, self.timeout_s)
+            outcomes = self._caller.run(self._thread_fn, calls, self.timeout_s)
             checked = False
         batch = RewardBatch(scores=[0.0] * len(completions))
         for i, (kind, value) in enumerate(outcomes):
@@ -445,10 +531,31 @@ class BatchReward:
     - a returned score that is not a finite number scores 0 and counts as invalid (`num_invalid`).
 
     Called on one response (`reward(completion, example)`), it scores the batch of one, directly.
+
+    Options (`reward.kwargs`): `with_options(**changes)` returns a new reward built by the
+    subclass's constructor from the current options with `changes` replaced. The options are the
+    constructor's parameters that the instance keeps as attributes of the same name (`options()`);
+    a subclass that stores them otherwise overrides `options`.
     """
 
     name: str = "batch reward"
     """Shown in log lines."""
+
+    def options(self) -> dict[str, Any]:
+        """The current options: each constructor parameter held as an attribute of the same name."""
+        params = inspect.signature(type(self)).parameters.values()
+        named = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        return {name: getattr(self, name) for name in named if hasattr(self, name)}
+
+    def with_options(self, **changes: Any) -> BatchReward:
+        """A new reward of this class with `changes` replacing the current options (this one is left
+        as it is). `RewardOptionsError` naming unknown keys and the valid ones; the constructor checks values."""
+        current = self.options()
+        unknown = [k for k in changes if k not in current]
+        if unknown:
+            valid = f"valid keys: {', '.join(current)}" if current else "it takes no options"
+            raise RewardOptionsError(f"unknown key {', '.join(map(repr, unknown))}; {valid}")
+        return type(self)(**{**current, **changes})
 
     def score_all(self, completions: Sequence[str], examples: Sequence[PromptExample]) -> RewardBatch:
         raise NotImplementedError

@@ -77,20 +77,32 @@ def forecast_config_dict(
 
 def forecast_sweep_setup(data_dir: str | os.PathLike, seed: int) -> list[str]:
     """`forkrl sweep CONFIG --setup forkrl.toy.forecast_demo:forecast_sweep_setup`: the games of `seed`
-    (those `forkrl demo --task forecast --seed S` trains on) and the shipped model, as overrides.
+    (those `forkrl demo --task forecast --seed S` trains on), the demo's held-out games (the same for
+    every seed) and the shipped model, as overrides.
 
-    The file is written once; a file already there must hold exactly these games."""
-    path = Path(data_dir) / f"forecast_train_seed_{seed}.jsonl"
+    Each file is written once; a file already there must hold exactly these games."""
+    data_dir = Path(data_dir)
+    train = _write_games_once(data_dir / f"forecast_train_seed_{seed}.jsonl", generate_rows(NUM_TRAIN_ROWS, seed))
+    eval_seed = int(_build_settings(SHIPPED_FORECAST_MODEL).get("eval_seed", 1234))
+    test = _write_games_once(data_dir / "forecast_test.jsonl", generate_rows(NUM_EVAL_ROWS, eval_seed, "test"))
+    return [
+        f"model.name={SHIPPED_FORECAST_MODEL}",
+        f"data.train_files=[{train.resolve()}]",
+        f"data.eval_files=[{test.resolve()}]",
+    ]
+
+
+def _write_games_once(path: Path, rows) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        fresh = write_rows_jsonl(Path(tmp) / path.name, generate_rows(NUM_TRAIN_ROWS, seed))
+        fresh = write_rows_jsonl(Path(tmp) / path.name, rows)
         if not path.exists():
             os.replace(fresh, path)
         elif path.read_bytes() != fresh.read_bytes():
             raise FileExistsError(
                 f"{path} holds other games than the forecast recipe draws now; use a new sweep directory"
             )
-    return [f"model.name={SHIPPED_FORECAST_MODEL}", f"data.train_files=[{path.resolve()}]"]
+    return path
 
 
 def _reward_plot(path: Path, run_dir: Path) -> str:

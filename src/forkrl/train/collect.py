@@ -202,6 +202,8 @@ def _add_round_stats(stats: MetricSums, task, shaped, lengths, rollout, scored, 
     stats.add("accuracy", accuracy_of(task).sum(), len(task))
     stats.add("response_length", lengths.float().sum(), len(lengths))
     stats.add("response_clip_frac", (~rollout.finished.cpu()).float().sum(), len(lengths))
+    # Responses the reward scored by its invalid-format rule (no parseable answer): scored, not failed.
+    stats.add("reward_invalid_format", torch.tensor(float(scored.num_invalid_format)), len(task))
     stats.add("reward_errors", torch.tensor(float(scored.num_errors + scored.num_invalid)), None)
     stats.add("reward_timeouts", torch.tensor(float(scored.num_timeouts)), None)
     grouped = task.view(-1, g)

@@ -10,9 +10,9 @@ from __future__ import annotations
 from forkrl.config import Config, ConfigError
 from forkrl.models.loading import check_model_source, load_tokenizer
 from forkrl.tasks.data import PromptDataError, PromptExample, load_prompts
-from forkrl.tasks.rewards import RewardComputer
+from forkrl.tasks.rewards import RewardComputer, RewardFn, RewardOptionsError, configure_reward, load_reward_fn
 
-__all__ = ["checked_tokenizer", "load_training_examples", "make_rewarder", "prompt_token_limit"]
+__all__ = ["checked_tokenizer", "configured_reward", "load_training_examples", "make_rewarder", "prompt_token_limit"]
 
 
 def checked_tokenizer(cfg: Config):
@@ -52,8 +52,14 @@ def prompt_token_limit(cfg: Config) -> int | None:
 
 def load_training_examples(cfg: Config, tokenizer) -> list[PromptExample]:
     """Every training prompt, rendered, cut to `data.max_prompts`, without the over-long ones
-    (counted in the log); raises when none is left."""
+    (counted in the log); raises when none is left.
+
+    A reward that checks its data (`check_source(source, answer_key)`, e.g. the forecast rewards:
+    every row has a 0/1 outcome) checks each training file after it is read, before the length
+    filter and the model: a bad row is a `PromptDataError` naming the file, the row and the key.
+    """
     d = cfg.data
+    check_source = getattr(configured_reward(cfg), "check_source", None)
     examples: list[PromptExample] = []
     for i, source in enumerate(d.train_files):
         try:
@@ -64,6 +70,8 @@ def load_training_examples(cfg: Config, tokenizer) -> list[PromptExample]:
             raise ConfigError(f"data.template = {d.template!r} (rendering {source}): {err}") from err
         except OSError as err:
             raise ConfigError(f"data.train_files[{i}] = {source!r}: {err}") from err
+        if check_source is not None:
+            check_source(source, d.answer_key)
     if d.max_prompts:
         examples = examples[: d.max_prompts]
     if not examples:
@@ -90,14 +98,39 @@ def load_training_examples(cfg: Config, tokenizer) -> list[PromptExample]:
     return examples
 
 
-def make_rewarder(cfg: Config) -> RewardComputer:
-    """The run's reward, imported now so a bad spec fails before the model loads."""
+def _reward_config_error(cfg: Config, err: Exception) -> ConfigError:
+    """The one-line error of a reward that cannot be set up: `reward.kwargs: ...` for options it
+    does not take, `reward.function = 'SPEC': ...` for a spec that does not resolve."""
     spec = cfg.reward.function
+    if isinstance(err, RewardOptionsError):
+        return ConfigError(f"reward.kwargs: {err}")
+    if isinstance(err, ValueError):
+        detail = str(err).removeprefix(f"reward {spec!r}: ")
+    else:  # a missing module, or the user's module raising while it imports
+        detail = f"importing it raised {type(err).__name__}: {err}"
+    return ConfigError(f"reward.function = {spec!r}: {detail}")
+
+
+def configured_reward(cfg: Config) -> RewardFn:
+    """The reward object `reward.function` names with `reward.kwargs` applied (`configure_reward`),
+    in this process and without workers; ConfigError as `make_rewarder`."""
     try:
-        return RewardComputer(spec, timeout_s=cfg.reward.timeout_s)
-    except Exception as err:  # a missing module, or the user's module raising while it imports
-        if isinstance(err, ValueError):
-            detail = str(err).removeprefix(f"reward {spec!r}: ")
-        else:
-            detail = f"importing it raised {type(err).__name__}: {err}"
-        raise ConfigError(f"reward.function = {spec!r}: {detail}") from err
+        return configure_reward(cfg.reward.function, cfg.reward.kwargs)[0]
+    except Exception as err:
+        raise _reward_config_error(cfg, err) from err
+
+
+def make_rewarder(cfg: Config) -> RewardComputer:
+    """The run's reward with its options (`reward.function`, `reward.kwargs`), imported and checked
+    now so a bad spec or an unknown option key fails before the model loads (`trainer.eval_reward`
+    too)."""
+    if cfg.trainer.eval_reward:
+        try:
+            load_reward_fn(cfg.trainer.eval_reward)
+        except Exception as err:
+            detail = str(err).removeprefix(f"reward {cfg.trainer.eval_reward!r}: ")
+            raise ConfigError(f"trainer.eval_reward = {cfg.trainer.eval_reward!r}: {detail}") from err
+    try:
+        return RewardComputer(cfg.reward.function, timeout_s=cfg.reward.timeout_s, reward_kwargs=cfg.reward.kwargs)
+    except Exception as err:
+        raise _reward_config_error(cfg, err) from err

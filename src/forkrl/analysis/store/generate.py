@@ -14,6 +14,7 @@ from forkrl.analysis.store.options import StoreOptions, open_reward
 from forkrl.analysis.store.rows import PieceDecoder, model_label, prompt_ids_array, token_columns
 from forkrl.analysis.store.schema import RolloutStore
 from forkrl.analysis.store.writer import StoreWriter
+from forkrl.seeding import mix_seed
 
 if TYPE_CHECKING:
     import torch
@@ -77,9 +78,9 @@ def generate_store(
 
 
 def _sample_seed(seed: int, sample_id: int) -> int:
-    """Row seed of one sample: independent streams per (seed, sample id), batch-invariant."""
-    state = np.random.SeedSequence([seed % 2**64, sample_id]).generate_state(2, dtype=np.uint32)
-    return int((int(state[0]) << 31) | (int(state[1]) >> 1))  # 62 bits: fits int64
+    """Row seed of one sample: `mix_seed(seed, sample id)`, independent streams per sample,
+    batch-invariant (63 bits: fits int64)."""
+    return mix_seed(seed, sample_id)
 
 
 def _sampling_params(options: StoreOptions, sample_ids: np.ndarray) -> SamplingParams:

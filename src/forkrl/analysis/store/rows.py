@@ -10,6 +10,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from forkrl.rollout.base import pad_rows
+
 __all__ = ["PieceDecoder", "model_label", "pad_batch", "prompt_ids_array", "token_columns"]
 
 
@@ -69,20 +71,11 @@ def token_columns(
 
 def pad_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int, device):
     """Left-pad prompts and right-pad responses: `(prompt_ids, prompt_mask, response_ids, response_mask)`."""
-    B = len(prompts)
-    P = max(len(p) for p in prompts)
-    R = max(1, max(len(r) for r in responses))  # an all-empty batch still needs one column
-    prompt_ids = torch.full((B, P), pad_id, dtype=torch.long)
-    prompt_mask = torch.zeros((B, P), dtype=torch.long)
-    response_ids = torch.full((B, R), pad_id, dtype=torch.long)
-    response_mask = torch.zeros((B, R), dtype=torch.long)
-    for row, (p, r) in enumerate(zip(prompts, responses)):
-        if len(p) == 0:
-            raise ValueError("empty prompt")
-        prompt_ids[row, P - len(p) :] = torch.from_numpy(np.array(p, dtype=np.int64))
-        prompt_mask[row, P - len(p) :] = 1
-        response_ids[row, : len(r)] = torch.from_numpy(np.array(r, dtype=np.int64))
-        response_mask[row, : len(r)] = 1
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("empty prompt")
+    prompt_ids, prompt_mask = pad_rows(prompts, pad_id, left=True)
+    # an all-empty batch still needs one response column
+    response_ids, response_mask = pad_rows(responses, pad_id, left=False, min_len=1)
     return prompt_ids.to(device), prompt_mask.to(device), response_ids.to(device), response_mask.to(device)
 
 

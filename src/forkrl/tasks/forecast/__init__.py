@@ -13,10 +13,13 @@ Importing this package (which `forkrl.tasks.rewards` does) registers these rewar
 | ``forecast_winrate`` | empirical win rate, 10 bins, Brier weight λ = 0.5 |
 | ``forecast_winrate_pure`` | empirical win rate, 10 bins, λ = 0 (calibration only) |
 | ``forecast_winrate_b5`` / ``forecast_winrate_b20`` | 5 / 20 bins, λ = 0.5 |
+| ``forecast_truth`` | 1 − (p − q)² against the row's true probability ``true_p`` (evaluation only) |
 
-Other settings: an instance in a file of your own, named by import path, e.g. ``my_rewards.py``
-holding ``wr = ForecastReward("winrate", bins=20, brier_weight=0.5)`` and
-``reward.function=my_rewards.py:wr``.
+Other settings: ``reward.kwargs`` replaces options of the named reward (`ForecastReward.with_options`),
+e.g. ``reward.function=forecast_winrate reward.kwargs.bins=20`` or
+``reward.kwargs={bins: 20, brier_weight: 0.0}``; the options are ``rule``, ``bins``,
+``brier_weight``, ``log_eps``, ``invalid_score`` and ``outcome_key``. The class itself works too:
+``reward.function=forkrl.tasks.forecast:ForecastReward reward.kwargs={rule: log, log_eps: 0.05}``.
 """
 
 from forkrl.tasks.forecast.matchups import (
@@ -43,6 +46,7 @@ from forkrl.tasks.forecast.scoring import (
     outcome_of,
     parse_forecast,
     parse_outcome,
+    truth_score,
 )
 from forkrl.tasks.rewards import register_reward
 
@@ -68,6 +72,7 @@ __all__ = [
     "parse_outcome",
     "rows_to_examples",
     "trace_is_correct",
+    "truth_score",
     "write_rows_jsonl",
 ]
 
@@ -82,3 +87,4 @@ FORECAST_REWARDS = {
 """The registered forecast rewards, by name (the same objects `REWARD_FUNCTIONS` holds)."""
 for _name, _reward in FORECAST_REWARDS.items():
     register_reward(_name, _reward)
+register_reward("forecast_truth", truth_score)

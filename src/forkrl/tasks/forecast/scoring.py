@@ -18,7 +18,8 @@ Outcomes (`parse_outcome`): 0 or 1, as a number (``1``, ``0.0``), a bool, or the
 ``"1"``, ``"0.0"``, ``"1.0"``, ``"true"``, ``"false"``. By default the rewards read it from
 `example.answer`, i.e. the row's field named by ``data.answer_key``: forecast recipes set
 ``data.answer_key: outcome``, so the data loader already stops, naming the file, the row and the
-key, on a row without one; `check_outcomes` also checks every value before training.
+key, on a row without one; the trainer also checks every value of each training file before the
+model loads (`ForecastReward.check_source`, i.e. `check_outcomes`).
 
 Rewards, each a function of the forecast p ∈ [0, 1] and the outcome y ∈ {0, 1}; an *invalid*
 forecast scores `invalid_score` (default 0.0, the worst any valid forecast can score), and is
@@ -31,6 +32,9 @@ counted in `RewardBatch.num_invalid_format`, not as a failure:
   forecasts beyond are scored as the nearest edge, never better than it).
 - empirical win rate (`empirical_winrate_rewards`): how close each forecast is to the observed win
   rate of the step's forecasts in its probability bin, mixed with Brier (formula there).
+
+For evaluation where the true probability q of each row is known (the forecasting toy's `true_p`),
+`truth_score` is ``1 − (p − q)²`` (invalid: 0): its mean is 1 − the mean squared error to the truth.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ __all__ = [
     "outcome_of",
     "parse_forecast",
     "parse_outcome",
+    "truth_score",
 ]
 
 DEFAULT_BINS = 10
@@ -168,6 +173,20 @@ def check_outcomes(source: str, key: str = "outcome") -> int:
 # ---------------------------------------------------------------------------- scoring rules
 
 
+def truth_score(completion: str, example: PromptExample, key: str = "true_p") -> float:
+    """``1 − (p − q)²`` with p the response's forecast and q the row's true probability (field `key`);
+    an invalid forecast scores 0. An *evaluation* score for data whose q is known (the forecasting
+    toy): since E[(p − y)²] = E[(p − q)²] + E[q(1 − q)] for y ~ Bernoulli(q), the mean ranks models
+    as their expected Brier does, without the outcome noise. ValueError (counted as a failed call)
+    when the row has no q in [0, 1]."""
+    q = _get_field(example.metadata or {}, key)
+    if q is _MISSING or isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 <= q <= 1.0:
+        shown = "no such field" if q is _MISSING else repr(q)
+        raise ValueError(f"prompt index {example.index}: field {key!r} must be a probability in [0, 1], got {shown}")
+    p = parse_forecast(completion).p
+    return 0.0 if p is None else 1.0 - (p - float(q)) ** 2
+
+
 def brier_reward(p: float, y: int) -> float:
     """1 − (p − y)²: 1 for a certain, right forecast, 0 for a certain, wrong one, 0.75 for p = 0.5."""
     return 1.0 - (p - y) ** 2
@@ -254,6 +273,10 @@ class ForecastReward(BatchReward):
     A row whose outcome is missing or not 0/1 scores 0 and counts as an error (`num_errors`,
     `first_failure` naming the batch item, the prompt and the key); the other rows are scored
     without it (it is in no bin).
+
+    `with_options(bins=20, ...)` (what `reward.kwargs` calls on a registered forecast reward) returns
+    a new reward with those of the six arguments above replaced; `check_source` checks a training
+    file's outcomes before the model loads.
     """
 
     def __init__(
@@ -267,6 +290,13 @@ class ForecastReward(BatchReward):
     ):
         if rule not in RULES:
             raise ValueError(f"unknown forecast rule {rule!r}; choose one of {', '.join(RULES)}")
+        numbers = {"brier_weight": brier_weight, "log_eps": log_eps, "invalid_score": invalid_score}
+        for name, value in {"bins": bins, **numbers}.items():
+            if isinstance(value, bool) or not isinstance(value, int if name == "bins" else (int, float)):
+                kind = "an integer" if name == "bins" else "a number"
+                raise ValueError(f"{name} must be {kind}, got {value!r}")
+        if outcome_key is not None and not isinstance(outcome_key, str):
+            raise ValueError(f"outcome_key must be a field name or None, got {outcome_key!r}")
         if bins < 1 or not 0.0 <= brier_weight <= 1.0 or not 0.0 < log_eps < 0.5:
             raise ValueError(
                 f"need bins >= 1, brier_weight in [0, 1], log_eps in (0, 0.5); got {bins}, {brier_weight}, {log_eps}"
