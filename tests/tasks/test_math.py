@@ -70,7 +70,7 @@ def test_equivalence_and_counters(verifier):
     ]
     result = verifier.score(completions, ["0.5", "4", "42", "1", "1024"], timeout_s=5.0)
     assert result.scores == [1.0, 0.0, 1.0, 0.0, 1.0]
-    assert (result.num_unanswered, result.num_timeouts, result.num_errors) == (1, 0, 0)
+    assert (result.num_invalid_format, result.num_timeouts, result.num_errors) == (1, 0, 0)
 
 
 def test_pathological_answers_time_out_and_pool_recovers(verifier):

@@ -9,7 +9,7 @@ from forkrl.tasks.data import (
     load_prompts,
     render_prompt,
 )
-from forkrl.tasks.math import MathScores, MathVerifier, extract_answer, math_reward, score_batch
+from forkrl.tasks.math import MathVerifier, extract_answer, math_reward, score_batch
 from forkrl.tasks.rewards import (
     REWARD_FUNCTIONS,
     MathReward,
@@ -26,7 +26,6 @@ __all__ = [
     "PROMPT_TEMPLATES",
     "REWARD_FUNCTIONS",
     "MathReward",
-    "MathScores",
     "MathVerifier",
     "PromptDataError",
     "PromptExample",

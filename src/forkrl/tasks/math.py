@@ -29,12 +29,11 @@ import os
 import re
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 
+from forkrl.tasks.scores import RewardBatch
 from forkrl.tasks.workers import OK, TIMEOUT, ProcessPool, WorkerStartError
 
 __all__ = [
-    "MathScores",
     "MathVerifier",
     "extract_answer",
     "extract_boxed",
@@ -145,20 +144,6 @@ def _math_setup():
 # ---------------------------------------------------------------------------- parent side
 
 
-@dataclass
-class MathScores:
-    """Scores of one batch and what went wrong while computing them."""
-
-    scores: list[float]
-    """1.0 or 0.0 per completion, in input order."""
-    num_timeouts: int = 0
-    """Checks killed at the time limit (scored 0)."""
-    num_errors: int = 0
-    """Checks that raised or whose worker died (scored 0)."""
-    num_unanswered: int = 0
-    """Completions with no extractable answer (scored 0 without a check)."""
-
-
 class MathVerifier:
     """A pool of math-verify worker processes with a hard per-check time limit.
 
@@ -202,17 +187,20 @@ class MathVerifier:
 
     # -- public
 
-    def score(self, completions: Sequence[str], answers: Sequence[str], timeout_s: float | None = None) -> MathScores:
-        """Score each completion against its reference answer (1.0 equivalent, else 0.0)."""
+    def score(self, completions: Sequence[str], answers: Sequence[str], timeout_s: float | None = None) -> RewardBatch:
+        """Score each completion against its reference answer (1.0 equivalent, else 0.0). A completion
+        with no extractable answer scores 0 without a check (`num_invalid_format`); a check that
+        raised or whose worker died counts in `num_errors`, one killed at the time limit in
+        `num_timeouts` (both score 0)."""
         if len(completions) != len(answers):
             raise ValueError(f"{len(completions)} completions but {len(answers)} answers")
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        result = MathScores(scores=[0.0] * len(completions))
+        result = RewardBatch(scores=[0.0] * len(completions))
         positions, calls = [], []
         for i, (completion, answer) in enumerate(zip(completions, answers)):
             prediction = extract_answer(completion)
             if prediction is None:
-                result.num_unanswered += 1
+                result.num_invalid_format += 1
             else:
                 positions.append(i)
                 calls.append((str(answer), prediction))

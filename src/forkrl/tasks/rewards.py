@@ -43,13 +43,13 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from forkrl.tasks.data import PromptExample
 from forkrl.tasks.math import DEFAULT_TIMEOUT_S, MathVerifier, get_default_verifier
+from forkrl.tasks.scores import RewardBatch
 from forkrl.tasks.workers import ProcessPool
 
 __all__ = [
@@ -86,30 +86,6 @@ class BatchRewardFn(Protocol):
     ) -> RewardBatch: ...
 
 
-@dataclass
-class RewardBatch:
-    """Scores of one batch plus how many items fell back to 0 and why."""
-
-    scores: list[float]
-    """One score per completion, in input order."""
-    num_errors: int = 0
-    """Calls that raised (or whose worker died)."""
-    num_timeouts: int = 0
-    """Calls that overran the time limit."""
-    num_invalid: int = 0
-    """Calls that returned something other than a finite number."""
-    first_failure: str | None = None
-    """One line describing the first failed call (its exception, timeout or bad return), if any."""
-    num_invalid_format: int = 0
-    """Responses without a parseable answer, given the reward's documented invalid-format score.
-    They were scored, so they are not failures (not in `num_failed`)."""
-
-    @property
-    def num_failed(self) -> int:
-        """Calls that gave no score: errors, timeouts and invalid returns."""
-        return self.num_errors + self.num_timeouts + self.num_invalid
-
-
 # ---------------------------------------------------------------------------- built-ins
 
 
@@ -130,8 +106,7 @@ class MathReward:
     def score_batch(
         self, completions: Sequence[str], examples: Sequence[PromptExample], timeout_s: float
     ) -> RewardBatch:
-        result = self.verifier.score(completions, [e.answer for e in examples], timeout_s)
-        return RewardBatch(result.scores, num_errors=result.num_errors, num_timeouts=result.num_timeouts)
+        return self.verifier.score(completions, [e.answer for e in examples], timeout_s)
 
 
 REWARD_FUNCTIONS: dict[str, RewardFn] = {"math": MathReward()}
