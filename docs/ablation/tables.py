@@ -45,9 +45,8 @@ def main() -> None:
     args = parser.parse_args()
     s = json.load(open(args.summary, encoding="utf-8"))
     seeds = s["seeds"]
-    print(
-        f"| cell | {args.metric} | Δ vs `all` | {args.length} | Δ {args.length} | per seed ({', '.join(map(str, seeds))}) |"
-    )
+    seed_list = ", ".join(map(str, seeds))
+    print(f"| cell | {args.metric} | Δ vs `all` | {args.length} | Δ {args.length} | per seed ({seed_list}) |")
     print("|---|---|---|---|---|---|")
     base = s.get("base_model")
     if base:
