@@ -23,8 +23,9 @@ forecast calibration rewards of `forkrl.tasks.forecast`) subclasses `BatchReward
 `score_all(completions, examples) -> RewardBatch` and inherits a `score_batch` that runs it
 under the same time limit and failure accounting as per-response rewards (see `BatchReward`).
 
-`overlong_penalty` is DAPO's overlong reward shaping; the trainer adds it to the task
-reward before advantages are computed.
+`overlong_penalty` (DAPO's overlong reward shaping, which the trainer adds to the task reward
+before advantages are computed), `shape_rewards` and `accuracy_of` live in `forkrl.tasks.shaping`
+and are re-exported here.
 """
 
 from __future__ import annotations
@@ -45,11 +46,10 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-import torch
-
 from forkrl.tasks.data import PromptExample
 from forkrl.tasks.math import DEFAULT_TIMEOUT_S, MathVerifier, get_default_verifier
 from forkrl.tasks.scores import RewardBatch
+from forkrl.tasks.shaping import accuracy_of, overlong_penalty, shape_rewards
 from forkrl.tasks.workers import ProcessPool
 
 __all__ = [
@@ -585,53 +585,6 @@ class BatchReward:
         )
         logger.warning("reward %r: %s", self.name, batch.first_failure)
         return batch
-
-
-# ---------------------------------------------------------------------------- shaping
-
-
-def overlong_penalty(
-    response_lengths: torch.Tensor | Sequence[int],
-    max_len: int,
-    cache_len: int,
-    penalty_factor: float = 1.0,
-) -> torch.Tensor:
-    """DAPO's overlong reward shaping, to be *added* to the task reward.
-
-    With L the response length in tokens (generated tokens, EOS included) and
-    `soft = max_len - cache_len`:
-
-        0                                        if L <= soft
-        -(L - soft) / cache_len * penalty_factor if soft < L < max_len
-        -penalty_factor                          if L >= max_len
-
-    i.e. a linear ramp over the last `cache_len` tokens. Paper 1: max 20480, cache 4096.
-
-    Args:
-        response_lengths: (B,) lengths, any numeric dtype or a list.
-    Returns:
-        (B,) fp32 penalties (<= 0), on the device of `response_lengths`.
-    """
-    if not 0 < cache_len <= max_len:
-        raise ValueError(f"need 0 < cache_len <= max_len, got cache_len={cache_len}, max_len={max_len}")
-    lengths = torch.as_tensor(response_lengths, dtype=torch.float32)
-    soft = max_len - cache_len
-    return -((lengths - soft) / cache_len).clamp(0.0, 1.0) * penalty_factor
-
-
-def shape_rewards(task_scores: torch.Tensor, lengths: torch.Tensor, max_new_tokens: int, reward_cfg) -> torch.Tensor:
-    """The reward the advantages are computed from: the task score plus, with
-    `reward.overlong_shaping`, DAPO's overlong penalty (`overlong_penalty`). A new tensor."""
-    shaped = task_scores.clone()
-    if reward_cfg.overlong_shaping:
-        shaped += overlong_penalty(lengths, max_new_tokens, reward_cfg.overlong_cache, reward_cfg.overlong_penalty)
-    return shaped
-
-
-def accuracy_of(task_scores: torch.Tensor) -> torch.Tensor:
-    """Per-response accuracy from task scores: the score clamped to [0, 1] (exactly the 0/1
-    verdict of a verifier; a graded reward counts as partial credit)."""
-    return task_scores.clamp(0, 1)
 
 
 # The forecast rewards ("forecast_brier", "forecast_log", "forecast_winrate", ...) register
