@@ -26,7 +26,7 @@ from forkrl.metrics import MetricSums
 from forkrl.rollout.base import GenerationBackend, Rollout, SamplingParams
 from forkrl.seeding import mix_seed
 from forkrl.tasks.data import PromptExample, PromptSampler
-from forkrl.tasks.rewards import accuracy_of, shape_rewards
+from forkrl.tasks.shaping import accuracy_of, shape_rewards
 
 
 class RewardFailures(RuntimeError):
