@@ -18,7 +18,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,21 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def write_once(path: str | os.PathLike, write: Callable[[Path], Path], mismatch: str) -> Path:
+    """Write a data file once: `write(tmp_path)` writes it beside `path`; it is moved into place if
+    `path` is missing, else must equal the file there byte for byte (`FileExistsError` "PATH
+    holds other MISMATCH" otherwise). A sweep's data files are shared by its runs and sittings."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        fresh = write(Path(tmp) / path.name)
+        if not path.exists():
+            os.replace(fresh, path)
+        elif path.read_bytes() != fresh.read_bytes():
+            raise FileExistsError(f"{path} holds other {mismatch}; use a new sweep directory")
+    return path
 
 
 def umask_permissions(path: str | os.PathLike) -> None:

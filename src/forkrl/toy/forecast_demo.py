@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ import yaml
 
 from forkrl.analysis.calibration import reliability_diagram, sharpness_histogram
 from forkrl.config import config_from_dict
-from forkrl.io import atomic_write_json, atomic_write_text, pyplot, save_figure
+from forkrl.io import atomic_write_json, atomic_write_text, pyplot, save_figure, write_once
 from forkrl.models.loading import load_policy
 from forkrl.tasks.forecast import check_outcomes, generate_rows, write_rows_jsonl
 from forkrl.toy.build import BUILD_INFO_FILE
@@ -93,16 +92,7 @@ def forecast_sweep_setup(data_dir: str | os.PathLike, seed: int) -> list[str]:
 
 
 def _write_games_once(path: Path, rows) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        fresh = write_rows_jsonl(Path(tmp) / path.name, rows)
-        if not path.exists():
-            os.replace(fresh, path)
-        elif path.read_bytes() != fresh.read_bytes():
-            raise FileExistsError(
-                f"{path} holds other games than the forecast recipe draws now; use a new sweep directory"
-            )
-    return path
+    return write_once(path, lambda tmp: write_rows_jsonl(tmp, rows), "games than the forecast recipe draws now")
 
 
 def _reward_plot(path: Path, run_dir: Path) -> str:

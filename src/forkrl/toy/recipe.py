@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from forkrl.io import write_once
 from forkrl.tasks.countdown import CountdownProblem, generate_problems, write_problems_jsonl
 from forkrl.toy.build import BUILD_INFO_FILE
 
@@ -85,16 +85,11 @@ def toy_config_dict(
 
 def _write_once(path: Path, problems: list[CountdownProblem]) -> Path:
     """Write `problems` to `path`, or check that the file already there holds exactly them."""
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        fresh = write_problems_jsonl(Path(tmp) / path.name, problems)
-        if not path.exists():
-            os.replace(fresh, path)
-        elif path.read_bytes() != fresh.read_bytes():
-            raise FileExistsError(
-                f"{path} holds other problems than the toy recipe draws now (another base model or "
-                "forkrl version?); use a new sweep directory"
-            )
-    return path
+    return write_once(
+        path,
+        lambda tmp: write_problems_jsonl(tmp, problems),
+        "problems than the toy recipe draws now (another base model or forkrl version?)",
+    )
 
 
 def sweep_setup(data_dir: str | os.PathLike, seed: int) -> list[str]:
