@@ -8,7 +8,7 @@ import torch
 
 from forkrl import fast_paths
 from forkrl.models import build_tiny_model, build_tiny_tokenizer, compat
-from forkrl.models.scoring import _shared_prefix_hidden_states, prompt_groups, score_responses
+from forkrl.models.scoring import _shared_prefix_hidden_states, prompt_groups, score_responses, scoring_cost
 
 TEMPERATURE = 0.7
 
@@ -157,3 +157,41 @@ def test_lora_model(tok, gradient_checkpointing):
     batch = make_batch(**MIXED, pad_id=tok.pad_token_id)
     assert _shared_prefix_hidden_states(model, *batch) is not None
     assert_paths_agree(model, batch, rtol=1e-10, atol=1e-10)
+
+
+def test_scoring_cost_by_hand():
+    """H 8, F 16, 2 heads (d 4), 1 kv head: a token costs 8·4·(4 + 2) + 3·8·16 = 576, a pair 2·2·4 = 16.
+    B 4, U 2, P 3, R 5, something padded: plain 4·8·576 + 4·8·8·16 = 22,528; shared (2·3 + 4·4)·576 +
+    (2·3·3/2 + 4·4·7)·16 = 12,672 + 1,936 = 14,608 (prompts unpadded: their causal half)."""
+    config = types.SimpleNamespace(hidden_size=8, intermediate_size=16, num_attention_heads=2, num_key_value_heads=1)
+    shapes = dict(rows=4, groups=2, prompt_len=3, response_len=5)
+    assert scoring_cost(config, **shapes, padded=True, prompts_padded=False) == (22528.0, 14608.0)
+    # Nothing padded: the plain path's attention is the causal half, 4·64/2·16 = 2,048 instead of 4,096.
+    assert scoring_cost(config, **shapes, padded=False, prompts_padded=False) == (20480.0, 14608.0)
+    assert scoring_cost(types.SimpleNamespace(hidden_size=8), **shapes, padded=True, prompts_padded=True) is None
+
+
+def test_auto_shares_only_where_it_is_cheaper(tok):
+    """The default, "auto", takes the shared path for long prompts and short responses, and the plain
+    path, with the plain path's exact numbers and nothing reported, for 2-token prompts and 60-token
+    responses: there the rectangle of masked attention costs more than 7 of 8 prompt copies save."""
+    model = make_model(tok).eval()
+    short_prompts = make_batch(prompt_lens=[2], group_sizes=[8], response_lens=[60] * 8, pad_id=tok.pad_token_id)
+    long_prompts = make_batch(prompt_lens=[30], group_sizes=[8], response_lens=[6] * 8, pad_id=tok.pad_token_id)
+    cfg = model.get_decoder().config
+    unpadded = dict(rows=8, groups=1, padded=False, prompts_padded=False)
+    plain, shared = scoring_cost(cfg, prompt_len=2, response_len=60, **unpadded)
+    assert shared > plain
+    plain, shared = scoring_cost(cfg, prompt_len=30, response_len=6, **unpadded)
+    assert shared < plain
+    with torch.no_grad():
+        fast_paths.reset()
+        auto = score_responses(model, *short_prompts)
+        assert fast_paths.status()[fast_paths.SHARED_PREFIX_SCORING] == "not used"
+        torch.testing.assert_close(auto, score_responses(model, *short_prompts, share_prompt=False), rtol=0, atol=0)
+        forced = score_responses(model, *short_prompts, share_prompt=True)
+        assert fast_paths.status()[fast_paths.SHARED_PREFIX_SCORING] == "on"
+        torch.testing.assert_close(forced, auto, rtol=1e-10, atol=1e-10)
+        fast_paths.reset()
+        score_responses(model, *long_prompts)
+        assert fast_paths.status()[fast_paths.SHARED_PREFIX_SCORING] == "on"

@@ -9,9 +9,20 @@ In GRPO every prompt is repeated for its G responses, and the rows of one group 
 values, and runs the responses against copies of them (the "shared-prefix" path): the prompt's
 activations are computed, stored and backpropagated once per group instead of G times. The copies
 are `index_select`s, so autograd sums the G responses' gradients into the one prompt computation.
+
+Sharing is not free: the responses then attend to the prompt's keys through an explicit mask, so
+attention computes the full `R x (P + R)` rectangle where the plain path's causal kernel (no padding)
+skips the upper triangle. With short prompts and long responses that costs more than it saves (the
+tiny Qwen3 of `benchmarks/train_step.py`, 17-token prompts, 8 rows a group, forward + backward:
+1.24x the plain path at 1,024 response tokens, 0.48x with 512-token prompts at 256). By default
+(`share_prompt="auto"`) `score_responses` shares only where `scoring_cost` estimates fewer
+multiply-adds for it than for the plain path.
 """
 
 from __future__ import annotations
+
+import logging
+from typing import Literal
 
 import torch
 
@@ -19,6 +30,8 @@ from forkrl import fast_paths
 from forkrl.models import compat
 from forkrl.models.loading import forward_hidden_states, get_lm_head, unwrap_peft
 from forkrl.ops.logprobs import fused_linear_logprobs_and_entropy
+
+logger = logging.getLogger(__name__)
 
 
 def score_responses(
@@ -29,7 +42,7 @@ def score_responses(
     response_mask: torch.Tensor,
     temperature: float = 1.0,
     chunk_size: int | None = None,
-    share_prompt: bool = True,
+    share_prompt: bool | Literal["auto"] = "auto",
     return_grad_norm: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """log π(o_t | q, o_<t) and entropy H_t of softmax(z_t / T) for every response token.
@@ -46,6 +59,9 @@ def score_responses(
             and the model supports it (`shared_prefix_unsupported`); otherwise, or with False, the
             plain path runs one forward over prompt + response. A model that cannot take it is
             reported to `forkrl.fast_paths` (one warning per run), never skipped silently.
+            "auto" (default): as True, but only where `scoring_cost` estimates it cheaper than the
+            plain path for these shapes (module docstring); where it does not, the plain path
+            runs and nothing is reported (the fast path does not apply).
         return_grad_norm: also return ‖∂ log π(o_t)/∂z_t‖₂ `[B, R]` (no grad, 0 at padding), the
             ranking of the `gradient` selection strategy, from the same fused LM-head pass.
 
@@ -55,7 +71,9 @@ def score_responses(
     """
     hidden = None
     if share_prompt and response_ids.shape[1] > 0:
-        hidden = _shared_prefix_hidden_states(model, prompt_ids, prompt_mask, response_ids, response_mask)
+        hidden = _shared_prefix_hidden_states(
+            model, prompt_ids, prompt_mask, response_ids, response_mask, only_if_cheaper=share_prompt == "auto"
+        )
     if hidden is None:
         prompt_len = prompt_ids.shape[1]
         input_ids = torch.cat([prompt_ids, response_ids], dim=1)  # (B, P + R)
@@ -96,8 +114,10 @@ def _shared_prefix_hidden_states(
     prompt_mask: torch.Tensor,
     response_ids: torch.Tensor,
     response_mask: torch.Tensor,
+    only_if_cheaper: bool = False,
 ) -> torch.Tensor | None:
-    """Final hidden states `[B, R, H]` predicting each response token, or None to use the plain path.
+    """Final hidden states `[B, R, H]` predicting each response token, or None to use the plain path
+    (also when `only_if_cheaper` and `scoring_cost` says the plain path costs less).
 
     Pass 1 runs the U distinct prompts `[U, P]` and records every layer's keys/values. Pass 2 runs
     response tokens 0..R-2 of all B rows `[B, R - 1]` against the rows' copies of them; the hidden
@@ -109,6 +129,19 @@ def _shared_prefix_hidden_states(
     if len(first_rows) == len(prompt_ids):  # all prompts distinct: nothing to share
         return None
     decoder = unwrap_peft(model).get_decoder()
+    if only_if_cheaper:
+        cost = scoring_cost(
+            decoder.config,
+            rows=len(prompt_ids),
+            groups=len(first_rows),
+            prompt_len=prompt_ids.shape[1],
+            response_len=response_ids.shape[1],
+            padded=not bool(prompt_mask.all() and response_mask.all()),
+            prompts_padded=not bool(prompt_mask[first_rows].all()),
+        )
+        if cost is not None and cost[1] >= cost[0]:
+            logger.debug("plain scoring: estimated %.3g multiply-adds vs %.3g shared", *cost)
+            return None
     reason = shared_prefix_unsupported(decoder)
     if reason is not None:
         fast_paths.declined(fast_paths.SHARED_PREFIX_SCORING, reason)
@@ -154,6 +187,43 @@ def _shared_prefix_hidden_states(
             return None
     fast_paths.used(fast_paths.SHARED_PREFIX_SCORING)
     return torch.cat([last_prompt_hidden.unsqueeze(1), out.last_hidden_state], dim=1)  # (B, R, H)
+
+
+def scoring_cost(
+    config,
+    *,
+    rows: int,
+    groups: int,
+    prompt_len: int,
+    response_len: int,
+    padded: bool,
+    prompts_padded: bool,
+) -> tuple[float, float] | None:
+    """Multiply-adds per decoder layer of one forward, `(plain, shared)`, or None where `config` lacks
+    the sizes (then "auto" shares, as True does).
+
+    A token costs its projections, `H·d·(2·heads + 2·kv_heads) + 3·H·F` (q, k, v, o and a gated
+    MLP); a query-key pair costs `2·heads·d` (scores and values). Attention covers half the square
+    of a causal forward without padding (SDPA's `is_causal`, no mask) and all of it with a mask.
+    Plain: B rows of `P + R` tokens, masked when anything is padded (`padded`). Shared: the U
+    distinct prompts (`prompts_padded`: masked), then B rows of `R - 1` response tokens against
+    `P + R - 1` keys, always masked. The LM head is the same in both and left out; the backward
+    costs roughly twice the forward in both, so the forward decides.
+    """
+    H, F = getattr(config, "hidden_size", None), getattr(config, "intermediate_size", None)
+    heads = getattr(config, "num_attention_heads", None)
+    if not (isinstance(H, int) and isinstance(F, int) and isinstance(heads, int)):
+        return None
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    d = getattr(config, "head_dim", None) or H // heads
+    per_token = H * d * (2 * heads + 2 * kv_heads) + 3 * H * F
+    per_pair = 2 * heads * d
+    B, U, P, R = rows, groups, prompt_len, response_len
+    full = P + R
+    plain = B * full * per_token + B * full * full * (1.0 if padded else 0.5) * per_pair
+    shared = (U * P + B * (R - 1)) * per_token
+    shared += (U * P * P * (1.0 if prompts_padded else 0.5) + B * (R - 1) * (full - 1)) * per_pair
+    return float(plain), float(shared)
 
 
 def shared_prefix_unsupported(decoder: torch.nn.Module) -> str | None:
