@@ -7,8 +7,8 @@ row-seeded sampler returns, while the sampler rebuilt its hash keys from the see
 On `benchmarks/train_step.py` (tiny Qwen3, 32-64 rows, 1 CPU thread) dropping that cuts decode CPU
 time by 10-20% (decode tokens per CPU-second 1.15x at <= 64 tokens, 1.12x at 256, 1.23x at 1,024);
 on the demo's 384-row batches, where the model's own work dominates, it is even (1.01x). What is
-left is the model's forward (93% of decode time at 1,024 tokens, 43% of it attention reading the
-KV cache at memory bandwidth).
+left is the model's forward: at 1,024 tokens on an idle core, 61% of decode's op time is attention
+reading the KV cache and 18% the projections (`benchmarks/decode_attention.py`).
 
 This loop calls the model exactly as `generate` does (same `input_ids`, 2-D `attention_mask`,
 `position_ids`, cache and `logits_to_keep=1`), so the logits are the same numbers, and applies the
