@@ -8,7 +8,15 @@ import torch
 
 from forkrl import fast_paths
 from forkrl.models import build_tiny_model, build_tiny_tokenizer, compat
-from forkrl.models.scoring import _shared_prefix_hidden_states, prompt_groups, score_responses, scoring_cost
+from forkrl.models.loading import forward_hidden_states, get_lm_head
+from forkrl.models.scoring import (
+    PLAIN_MARGIN,
+    _shared_prefix_hidden_states,
+    prompt_groups,
+    score_responses,
+    scoring_cost,
+)
+from forkrl.ops.logprobs import fused_linear_logprobs_and_entropy
 
 TEMPERATURE = 0.7
 
@@ -161,27 +169,27 @@ def test_lora_model(tok, gradient_checkpointing):
 
 def test_scoring_cost_by_hand():
     """H 8, F 16, 2 heads (d 4), 1 kv head: a token costs 8·4·(4 + 2) + 3·8·16 = 576, a pair 2·2·4 = 16.
-    B 4, U 2, P 3, R 5, something padded: plain 4·8·576 + 4·8·8·16 = 22,528; shared (2·3 + 4·4)·576 +
-    (2·3·3/2 + 4·4·7)·16 = 12,672 + 1,936 = 14,608 (prompts unpadded: their causal half)."""
+    B 4, U 2, P 3, R 5: plain (packed, causal: half the square) 4·8·576 + 4·8·8/2·16 = 20,480; shared
+    (2·3 + 4·4)·576 + (2·3·3/2 + 4·4·7)·16 = 12,672 + 1,936 = 14,608 with unpadded prompts (their
+    causal half), + 2·9/2·16 = 14,752 with padded ones (masked: the whole square)."""
     config = types.SimpleNamespace(hidden_size=8, intermediate_size=16, num_attention_heads=2, num_key_value_heads=1)
     shapes = dict(rows=4, groups=2, prompt_len=3, response_len=5)
-    assert scoring_cost(config, **shapes, padded=True, prompts_padded=False) == (22528.0, 14608.0)
-    # Nothing padded: the plain path's attention is the causal half, 4·64/2·16 = 2,048 instead of 4,096.
-    assert scoring_cost(config, **shapes, padded=False, prompts_padded=False) == (20480.0, 14608.0)
-    assert scoring_cost(types.SimpleNamespace(hidden_size=8), **shapes, padded=True, prompts_padded=True) is None
+    assert scoring_cost(config, **shapes, prompts_padded=False) == (20480.0, 14608.0)
+    assert scoring_cost(config, **shapes, prompts_padded=True) == (20480.0, 14752.0)
+    assert scoring_cost(types.SimpleNamespace(hidden_size=8), **shapes, prompts_padded=True) is None
 
 
 def test_auto_shares_only_where_it_is_cheaper(tok):
     """The default, "auto", takes the shared path for long prompts and short responses, and the plain
-    path, with the plain path's exact numbers and nothing reported, for 2-token prompts and 60-token
+    path, with the plain path's exact numbers and nothing reported, for 2-token prompts and 150-token
     responses: there the rectangle of masked attention costs more than 7 of 8 prompt copies save."""
     model = make_model(tok).eval()
-    short_prompts = make_batch(prompt_lens=[2], group_sizes=[8], response_lens=[60] * 8, pad_id=tok.pad_token_id)
+    short_prompts = make_batch(prompt_lens=[2], group_sizes=[8], response_lens=[150] * 8, pad_id=tok.pad_token_id)
     long_prompts = make_batch(prompt_lens=[30], group_sizes=[8], response_lens=[6] * 8, pad_id=tok.pad_token_id)
     cfg = model.get_decoder().config
-    unpadded = dict(rows=8, groups=1, padded=False, prompts_padded=False)
-    plain, shared = scoring_cost(cfg, prompt_len=2, response_len=60, **unpadded)
-    assert shared > plain
+    unpadded = dict(rows=8, groups=1, prompts_padded=False)
+    plain, shared = scoring_cost(cfg, prompt_len=2, response_len=150, **unpadded)
+    assert plain < PLAIN_MARGIN * shared
     plain, shared = scoring_cost(cfg, prompt_len=30, response_len=6, **unpadded)
     assert shared < plain
     with torch.no_grad():
@@ -195,3 +203,52 @@ def test_auto_shares_only_where_it_is_cheaper(tok):
         fast_paths.reset()
         score_responses(model, *long_prompts)
         assert fast_paths.status()[fast_paths.SHARED_PREFIX_SCORING] == "on"
+
+
+def masked_reference_scores(model, prompt_ids, prompt_mask, response_ids, response_mask):
+    """The plain path as it was: one forward over the padded `[B, P + R]` rows with their attention mask."""
+    hidden = forward_hidden_states(
+        model, torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask, response_mask], 1)
+    )[:, prompt_ids.shape[1] - 1 : -1]
+    valid = response_mask.bool()
+    weight, bias = get_lm_head(model)
+    outputs = fused_linear_logprobs_and_entropy(hidden[valid], weight, response_ids[valid], bias, TEMPERATURE)
+    zeros = torch.zeros(response_ids.shape, dtype=outputs[0].dtype)
+    return tuple(zeros.masked_scatter(valid, values) for values in outputs)
+
+
+def test_plain_path_packs_rows_and_runs_without_a_mask(tok):
+    """The plain path moves each row's real tokens to the front and runs the decoder with no attention
+    mask; log-probs, entropies and every parameter's gradient equal the padded, masked forward's, and
+    more padding on either side changes nothing."""
+    model = make_model(tok)
+    batch = make_batch(**MIXED, pad_id=tok.pad_token_id)
+    masks = []
+    hook = model.get_decoder().register_forward_pre_hook(
+        lambda m, args, kwargs: masks.append(kwargs.get("attention_mask", "missing")), with_kwargs=True
+    )
+    try:
+        lp, ent, grads = score_with_grads(model, batch, share_prompt=False)
+    finally:
+        hook.remove()
+    assert masks == [None]
+    model.zero_grad(set_to_none=True)
+    ref_lp, ref_ent = masked_reference_scores(model, *batch)
+    (ref_lp.sum() + 0.5 * ref_ent.sum()).backward()
+    torch.testing.assert_close(lp, ref_lp.detach(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ent, ref_ent.detach(), rtol=1e-10, atol=1e-10)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(grads[name], param.grad, rtol=1e-10, atol=1e-10, msg=name)
+    prompt_ids, prompt_mask, response_ids, response_mask = batch
+    pad = tok.pad_token_id
+    wider = (
+        torch.cat([torch.full((len(prompt_ids), 3), pad), prompt_ids], 1),
+        torch.cat([torch.zeros((len(prompt_ids), 3), dtype=torch.long), prompt_mask], 1),
+        torch.cat([response_ids, torch.full((len(prompt_ids), 4), pad)], 1),
+        torch.cat([response_mask, torch.zeros((len(prompt_ids), 4), dtype=torch.long)], 1),
+    )
+    with torch.no_grad():
+        wide_lp, wide_ent = score_responses(model, *wider, TEMPERATURE, share_prompt=False)
+    torch.testing.assert_close(wide_lp[:, : lp.shape[1]], lp, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(wide_ent[:, : ent.shape[1]], ent, rtol=1e-10, atol=1e-10)
+    assert not wide_lp[:, lp.shape[1] :].any()
