@@ -55,12 +55,18 @@ def _check_span(s) -> None:
 
 def _check_backend(r) -> None:
     """`rollout.backend` exists and supports what the rollout settings ask of it."""
-    from forkrl.rollout.registry import get_backend, missing_capabilities
+    from forkrl.rollout.registry import get_backend, missing_capabilities, missing_package, option_problems
 
     try:
         get_backend(r.backend)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    missing = missing_package(r.backend)
+    if missing:
+        raise ConfigError(missing)
+    problems = option_problems(r.backend, r.backend_kwargs)
+    if problems:
+        raise ConfigError(problems[0])
     for key, capability in missing_capabilities(r.backend, r):
         raise ConfigError(
             f"{key} = {getattr(r, key.split('.')[1])!r}: rollout.backend {r.backend!r} does not support "
@@ -178,8 +184,14 @@ class RolloutConfig:
     sampled tokens are unchanged (per-row seeds). Full-attention decoders only (the in-place KV
     cache is sliced between phases); others decode in one call."""
     backend: str = "hf"
-    """Generation backend (`forkrl.rollout.registry`): `hf` (the training model in process), a name
-    registered with `register_backend`, or a factory's import path `module:function`."""
+    """Generation backend (`forkrl.rollout.registry`): `hf` (the training model in process), `vllm`
+    (an in-process vLLM engine per process, `forkrl[vllm]`), a name registered with
+    `register_backend`, or a factory's import path `module:function`."""
+    backend_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Options of the backend's engine, checked before the model loads; `vllm`:
+    `kv_cache_memory_bytes`, `gpu_memory_utilization`, `enforce_eager`, `max_num_seqs`,
+    `max_num_batched_tokens`, `max_model_len`, `dtype`, `enable_prefix_caching`, `block_size`
+    (`forkrl.rollout.vllm.ENGINE_OPTIONS`), e.g. `rollout.backend_kwargs.gpu_memory_utilization=0.3`."""
 
 
 @dataclass

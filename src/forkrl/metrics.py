@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from forkrl.distributed import all_reduce_sum
+from forkrl.distributed import all_reduce, all_reduce_sum
 
 MetricTerms = dict[str, tuple[torch.Tensor, "torch.Tensor | None"]]
 """name -> (sum of values, number of values), 0-dim tensors; the metric is sum / count.
@@ -29,6 +29,7 @@ class MetricSums:
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, torch.Tensor] = {}
         self._totals: set[str] = set()
+        self._maxima: dict[str, torch.Tensor] = {}
 
     def add(self, name: str, value_sum: torch.Tensor, count: torch.Tensor | float | None) -> None:
         """Add `value_sum` over `count` values to metric `name`; count None makes `name` a total."""
@@ -46,6 +47,11 @@ class MetricSums:
         else:
             self._sums[name], self._counts[name] = value_sum, count
 
+    def add_max(self, name: str, value: torch.Tensor) -> None:
+        """Keep the largest `value` seen for metric `name` (reported as the max over processes)."""
+        value = value.detach().to(self.device, torch.float64, non_blocking=True).reshape(())
+        self._maxima[name] = torch.maximum(self._maxima[name], value) if name in self._maxima else value
+
     def update(self, terms: MetricTerms) -> None:
         for name, (value_sum, count) in terms.items():
             self.add(name, value_sum, count)
@@ -56,12 +62,22 @@ class MetricSums:
         Metrics whose total count is 0 are left out rather than reported as 0 or NaN; totals
         are reported as their sum.
         """
+        out = self._compute_maxima(group)
         if not self._sums:
-            return {}
+            return out
         names = sorted(self._sums)
         stacked = torch.stack([torch.stack([self._sums[n].reshape(()), self._counts[n].reshape(())]) for n in names])
         all_reduce_sum(stacked, group)
         values = stacked.cpu().tolist()
-        return {
-            n: (s if n in self._totals else s / c) for n, (s, c) in zip(names, values) if c > 0 or n in self._totals
-        }
+        out.update(
+            {n: (s if n in self._totals else s / c) for n, (s, c) in zip(names, values) if c > 0 or n in self._totals}
+        )
+        return out
+
+    def _compute_maxima(self, group) -> dict[str, float]:
+        if not self._maxima:
+            return {}
+        names = sorted(self._maxima)
+        stacked = torch.stack([self._maxima[n] for n in names])
+        all_reduce(stacked, "max", group)
+        return dict(zip(names, stacked.cpu().tolist()))

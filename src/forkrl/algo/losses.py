@@ -12,6 +12,7 @@ the `kept-tokens` normalizer divides by the number of kept tokens.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -53,6 +54,14 @@ class LossConfig:
     """Coefficient of the k3 KL to a reference policy (0 = off, the papers' setting)."""
     entropy_coef: float = 0.0
     """Coefficient of the entropy bonus (0 = off, the papers' setting)."""
+    rollout_correction: str = "auto"
+    """Correction for the sampler–trainer mismatch (an engine samples π_sampler, slightly off the
+    trainer's π_old): `none`; `tis` (truncated importance sampling: each token's loss weighted by
+    min(π_old/π_sampler, C), detached, as verl and TRL); `mis` (masked: tokens whose ratio lies
+    outside [1/C, C] leave the loss and its normalizer); `auto`: the backend's default (`hf`: none,
+    its sampler is the trainer's forward; `vllm`: tis)."""
+    rollout_correction_threshold: float = 2.0
+    """C of `tis` / `mis` (> 1)."""
 
     def __post_init__(self) -> None:
         if self.policy_loss not in POLICY_LOSSES:
@@ -65,6 +74,12 @@ class LossConfig:
             raise ValueError(f"eps_low and eps_high must be >= 0, got {self.eps_low} and {self.eps_high}")
         if self.dual_clip is not None and self.dual_clip <= 1.0:
             raise ValueError(f"dual_clip must be > 1 (or None), got {self.dual_clip}")
+        if self.rollout_correction not in ROLLOUT_CORRECTIONS:
+            raise ValueError(
+                f"unknown rollout_correction {self.rollout_correction!r}; expected one of {sorted(ROLLOUT_CORRECTIONS)}"
+            )
+        if not self.rollout_correction_threshold > 1.0:
+            raise ValueError(f"rollout_correction_threshold must be > 1, got {self.rollout_correction_threshold}")
         for name in ("clip_cov_ratio", "kl_cov_ratio"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
@@ -88,6 +103,9 @@ class PolicyLossInput:
     """Token entropy under π_θ; needed for the entropy bonus and the entropy metrics."""
     ref_logprobs: torch.Tensor | None = None
     """log π_ref of the sampled tokens; needed when `ref_kl_coef > 0`."""
+    sampler_logprobs: torch.Tensor | None = None
+    """log π_sampler of the sampled tokens, as the generation backend drew them; gives the `tis`
+    weights (None: no correction)."""
 
 
 @dataclass
@@ -315,6 +333,47 @@ def kl_cov_loss(inp: PolicyLossInput, adv, cfg, generator) -> TokenLoss:
     return TokenLoss(loss, terms)
 
 
+# ---------------------------------------------------------------------------------------------
+# The sampler–trainer mismatch: δ_t = log π_old(o_t) − log π_sampler(o_t) per response token.
+
+ROLLOUT_CORRECTIONS = ("auto", "none", "tis", "mis")
+
+
+def resolve_rollout_correction(setting: str, backend_default: str) -> str:
+    """`none`, `tis` or `mis`: the setting, or the backend's default for `auto`."""
+    return backend_default if setting == "auto" else setting
+
+
+def tis_weights(old_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, threshold: float) -> torch.Tensor:
+    """`[B, T]` truncated importance weights min(π_old/π_sampler, C), detached (no gradient)."""
+    return torch.exp(old_logprobs.detach() - sampler_logprobs).clamp(max=threshold)
+
+
+def mis_keep(old_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, threshold: float) -> torch.Tensor:
+    """`[B, T]` bool: tokens whose ratio π_old/π_sampler lies in [1/C, C] (the others are masked)."""
+    delta = old_logprobs.detach() - sampler_logprobs
+    bound = math.log(threshold)
+    return (delta >= -bound) & (delta <= bound)
+
+
+def mismatch_metrics(old_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor) -> MetricTerms:
+    """Per-token means over `mask` of |δ|, the k3 estimate of KL(sampler ‖ old) = e^δ − 1 − δ, and the
+    fraction of tokens with e^δ outside [1/2, 2]; `rollout_mismatch_abs_max` is a max (count None
+    is not used: the caller reduces it with `MetricSums.add_max`)."""
+    delta = (old_logprobs.detach() - sampler_logprobs).float()
+    mask = mask.bool()
+    n = mask.sum()
+    zero = torch.zeros_like(delta)
+    absolute = torch.where(mask, delta.abs(), zero)
+    k3 = torch.where(mask, torch.exp(delta) - 1.0 - delta, zero)
+    outside = mask & (delta.abs() > math.log(2.0))
+    return {
+        "rollout_mismatch_abs_mean": (absolute.sum(), n),
+        "rollout_mismatch_kl_k3": (k3.sum(), n),
+        "rollout_mismatch_ratio_out_frac": (outside.sum(), n),
+    }
+
+
 @dataclass
 class LossOutput:
     loss: torch.Tensor
@@ -341,9 +400,15 @@ def compute_policy_loss(
         adv = adv[:, None].expand_as(inp.logprobs)
     token_loss = POLICY_LOSSES[cfg.policy_loss](inp, adv, cfg, generator)
     coeff = token_coefficients(cfg, mask, denominators, inp.kept_mask)
-    loss = (coeff * token_loss.per_token).sum()
-
+    per_token = token_loss.per_token
     metrics = dict(token_loss.metrics)
+    if inp.sampler_logprobs is not None:
+        if cfg.rollout_correction == "tis":
+            weights = tis_weights(inp.old_logprobs, inp.sampler_logprobs, cfg.rollout_correction_threshold)
+            per_token = per_token * weights
+            metrics["rollout_tis_weight_mean"] = ((weights * mask).sum(), mask.sum())
+    loss = (coeff * per_token).sum()
+
     n = mask.sum()
     log_ratio = (inp.logprobs - inp.old_logprobs).detach()
     metrics["approx_kl_old"] = ((k3_kl(inp.old_logprobs.detach(), inp.logprobs.detach()) * mask).sum(), n)

@@ -349,7 +349,9 @@ def _short_names(sources: list[str]) -> list[str]:
 # ---------------------------------------------------------------------------- output
 
 
-def evaluate_with_run_config(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg) -> EvalReport:
+def evaluate_with_run_config(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg, backend: GenerationBackend | None = None
+) -> EvalReport:
     """Acc@k / Len@k on `cfg.data.eval_files` with a run's own settings (`cfg`: a `forkrl.config.Config`):
     k = `trainer.eval_samples`, the rollout temperature and length limit, the reward, the data keys
     and template, and the run's seed. The trainer's eval steps and a sweep's final evaluation both
@@ -369,6 +371,7 @@ def evaluate_with_run_config(model: PreTrainedModel, tokenizer: PreTrainedTokeni
         seed=cfg.seed,
         reward_timeout_s=cfg.reward.timeout_s,
         reward_kwargs=None if cfg.trainer.eval_reward else cfg.reward.kwargs,
+        backend=backend,
     )
 
 

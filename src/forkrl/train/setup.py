@@ -84,6 +84,24 @@ class PolicyModels:
         """Every process holds the full parameters inside (a collective under FSDP2, else nothing)."""
         return gathered(self.policy_scorer if self.sharded else None)
 
+    def full_state_dict(self, cpu_offload: bool = False) -> dict[str, torch.Tensor]:
+        """The policy's whole weights with Hugging Face names (tied `lm_head.weight` included), what
+        `from_pretrained` and an inference engine load: under FSDP2 gathered from the shards (a
+        collective: every process calls; with `cpu_offload` only the main process receives them, on
+        the CPU), under LoRA the adapter merged into a copy. Checkpoints and the `vllm` backend's
+        weight pushes both take their weights from here."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        if self.sharded:
+            options = StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload)
+            state = get_model_state_dict(self.policy_scorer, options=options)
+            return {k.removeprefix("model."): v for k, v in state.items()}
+        if self.lora:
+            import copy
+
+            return copy.deepcopy(self.model).merge_and_unload().state_dict()
+        return self.model.state_dict()
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 

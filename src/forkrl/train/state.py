@@ -36,7 +36,6 @@ def save_training_state(
     """
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
-        get_model_state_dict,
         get_optimizer_state_dict,
     )
 
@@ -48,12 +47,10 @@ def save_training_state(
     if models.sharded or is_main:
         optimizer_state = get_optimizer_state_dict(models.policy_scorer, optimizer, options=full)
     if models.sharded:
-        gathered_state = get_model_state_dict(models.policy_scorer, options=full)
         # Tied weights (lm_head = embed_tokens) come back as two tensors; write the first name
         # only, as `save_pretrained` does for the shared parameter.
         tied = tied_parameter_names(models.model)
-        model_state = {k.removeprefix("model."): v for k, v in gathered_state.items()}
-        model_state = {k: v for k, v in model_state.items() if k not in tied}
+        model_state = {k: v for k, v in models.full_state_dict(cpu_offload=True).items() if k not in tied}
     if is_main:
         model, extra = models.model, None
         if models.lora:

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from forkrl import fast_paths
+from forkrl.algo.losses import resolve_rollout_correction
 from forkrl.config import Config, ConfigError, dump_config, load_config
 from forkrl.distributed import is_distributed, reduce_scalars
 from forkrl.metrics import MetricSums
@@ -111,6 +112,10 @@ class Trainer:
             raise TrainingStopped(str(err)) from err
         self.model, self.tokenizer = self.models.model, self.models.tokenizer
         self.backend = self._build_backend()
+        # `auto` becomes the backend's own choice, and config.yaml records the one used.
+        cfg.loss.rollout_correction = resolve_rollout_correction(
+            cfg.loss.rollout_correction, self.backend_caps.rollout_correction
+        )
         o, r = cfg.optim, cfg.rollout
         updates_per_step = (r.prompts_per_step // o.mini_batch_size) * o.epochs
         self.optimizer, self.scheduler = build_optimizer(
@@ -169,8 +174,10 @@ class Trainer:
 
         self.backend_caps = get_backend(self.cfg.rollout.backend).capabilities
         ctx = BackendContext(
-            self.model, self.tokenizer, self.cfg.model.name, self.cfg.rollout, self.device, forward_context
-        )
+            self.model, self.tokenizer, self.cfg.model.name, self.cfg.rollout, self.device, forward_context,
+            weights=lambda: models.full_state_dict().items(), seed=self.cfg.seed,
+        )  # fmt: skip
+        # Built after the checkpoint's weights went in: an engine's first push is the resumed policy.
         return build_backend(self.cfg.rollout.backend, ctx)
 
     # ------------------------------------------------------------------ checkpoints
@@ -244,7 +251,8 @@ class Trainer:
         if batch is None:
             metrics["skipped_no_informative_groups"] = 1.0
         if cfg.trainer.eval_every and cfg.data.eval_files and self.step % cfg.trainer.eval_every == 0:
-            metrics.update(evaluate_during_training(self.models, cfg, self.run_dir, self.step, self.is_main))
+            engine = self.backend if self.backend_caps.holds_weights else None
+            metrics.update(evaluate_during_training(self.models, cfg, self.run_dir, self.step, self.is_main, engine))
         metrics.update(fast_paths.step_flags())  # fast_path/<name>: 1 used, 0 declined (warned once)
         if self.logger is not None:
             self.logger.log(self.step, metrics)
@@ -291,8 +299,12 @@ class Trainer:
             )
 
     def close(self) -> None:
-        """Stop the reward workers and close the logs (the run directory's lock belongs to its owner)."""
+        """Stop the reward workers and the backend's engine, close the logs (the run directory's lock
+        belongs to its owner)."""
         self.rewarder.close()
+        close_backend = getattr(self.backend, "close", None)
+        if close_backend is not None:
+            close_backend()
         if self.logger is not None:
             self.logger.close()
             self.logger = None

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-from forkrl.algo.losses import PolicyLossInput, compute_policy_loss, loss_denominators
+from forkrl.algo.losses import PolicyLossInput, compute_policy_loss, loss_denominators, mis_keep, mismatch_metrics
 from forkrl.algo.selection import TokenScores, TokenSelector
 from forkrl.config import Config
 from forkrl.metrics import MetricSums
@@ -97,7 +97,8 @@ class PolicyUpdater:
         cfg, ro = self.cfg, batch.rollout
         rows_per_mini = self.mini_prompts_per_rank * cfg.rollout.group_size
         minis = [range(i, min(i + rows_per_mini, ro.batch_size)) for i in range(0, ro.batch_size, rows_per_mini)]
-        on_policy = cfg.optim.epochs == 1 and len(minis) == 1
+        # `mis` masks tokens by π_old/π_sampler before the loss is normalized: π_old must be known first.
+        on_policy = cfg.optim.epochs == 1 and len(minis) == 1 and cfg.loss.rollout_correction != "mis"
         self.models.model.train()
         t0 = time.perf_counter()
         old_logp, old = self._old_policy(ro, on_policy)
@@ -105,6 +106,7 @@ class PolicyUpdater:
         if self.models.ref_scorer is not None:
             ref_logp, _ = self.score(self.models.ref_scorer, ro, range(ro.batch_size))
         timings["old_logprobs_s"] += time.perf_counter() - t0
+        loss_mask = self._loss_mask(ro, old_logp, stats)
 
         t0 = time.perf_counter()
         generator = torch.Generator(device=self.device).manual_seed(mix_seed(cfg.seed, step, self.rank, 7))
@@ -113,21 +115,39 @@ class PolicyUpdater:
             for mini_index, rows in enumerate(minis):
                 # Before the step's first optimizer step the weights are those of the old pass.
                 weights_unchanged = epoch == 0 and mini_index == 0
-                ents = self._mini_batch(batch, rows, old, old_logp, ref_logp, weights_unchanged, generator, stats)
+                ents = self._mini_batch(
+                    batch, rows, old, old_logp, ref_logp, weights_unchanged, generator, stats, loss_mask
+                )
                 if on_policy:
                     update_entropies = ents
         timings["update_s"] += time.perf_counter() - t0
         return old.entropy if old is not None else torch.cat(update_entropies)
 
-    def _mini_batch(self, batch, rows, old, old_logp, ref_logp, weights_unchanged, generator, stats):
+    def _loss_mask(self, ro: Rollout, old_logp: torch.Tensor | None, stats: MetricSums) -> torch.Tensor:
+        """`[N, T]` the response tokens the loss sees: all of them, or under `loss.rollout_correction=mis`
+        those whose π_old/π_sampler lies in [1/C, C]. Logs the largest |log π_old − log π_sampler|
+        when π_old is known here (on-policy, the update's own pass logs it)."""
+        mask = ro.response_mask
+        if old_logp is None:
+            return mask
+        delta = (old_logp - ro.sampler_logprobs).abs().masked_fill(mask == 0, 0.0)
+        stats.add_max("rollout_mismatch_abs_max", delta.max() if delta.numel() else delta.sum())
+        if self.cfg.loss.rollout_correction != "mis":
+            return mask
+        keep = mis_keep(old_logp, ro.sampler_logprobs, self.cfg.loss.rollout_correction_threshold)
+        masked = mask * keep.to(mask.dtype)
+        stats.add("rollout_mis_masked_frac", (mask - masked).sum().float(), mask.sum().float())
+        return masked
+
+    def _mini_batch(self, batch, rows, old, old_logp, ref_logp, weights_unchanged, generator, stats, loss_mask):
         """Accumulate one mini-batch's loss over its micro-batches and step; returns the
-        micro-batches' entropies (detached)."""
+        micro-batches' entropies (detached). `loss_mask [N, T]`: the tokens the loss sees."""
         cfg, ro = self.cfg, batch.rollout
         micro = self._micro_slices(rows)
         narrowed = batch.candidates is not None  # selection.region: a span of the text
-        candidates = batch.candidates if narrowed else ro.response_mask
+        candidates = batch.candidates * loss_mask if narrowed else loss_mask
         denoms = loss_denominators(
-            [ro.response_mask[s] for s in micro], cfg.selection.strategy, cfg.selection.ratio,
+            [loss_mask[s] for s in micro], cfg.selection.strategy, cfg.selection.ratio,
             cfg.selection.scope, group=self.group, candidate_masks=[candidates[s] for s in micro],
         )  # fmt: skip
         mini_old = None if old is None else old.rows(slice(rows.start, rows.stop))
@@ -154,11 +174,14 @@ class PolicyUpdater:
                     )  # fmt: skip
                 local = slice(s.start - rows.start, s.stop - rows.start)
                 kept = selection.kept(local, TokenScores(ent, gn[0] if gn else None))
+                old_logp_s = logp.detach() if old_logp is None else old_logp[s]
+                self._log_mismatch(old_logp_s, ro, s, stats, with_max=old_logp is None)
                 inp = PolicyLossInput(
                     logprobs=logp,
-                    old_logprobs=logp.detach() if old_logp is None else old_logp[s],
+                    old_logprobs=old_logp_s,
                     advantages=batch.advantages[s],
-                    response_mask=ro.response_mask[s],
+                    response_mask=loss_mask[s],
+                    sampler_logprobs=ro.sampler_logprobs[s],
                     kept_mask=kept,
                     entropy=ent,
                     ref_logprobs=None if ref_logp is None else ref_logp[s],
@@ -172,6 +195,15 @@ class PolicyUpdater:
         )
         self.on_optimizer_step(taken)
         return entropies
+
+    @staticmethod
+    def _log_mismatch(old_logp: torch.Tensor, ro: Rollout, s: slice, stats: MetricSums, with_max: bool) -> None:
+        """The mismatch metrics of micro-batch `s` over all its response tokens (those `mis` masks
+        included); the max here only when π_old comes from this pass (else `_loss_mask` logged it)."""
+        stats.update(mismatch_metrics(old_logp, ro.sampler_logprobs[s], ro.response_mask[s]))
+        if with_max:
+            gap = (old_logp - ro.sampler_logprobs[s]).abs().masked_fill(ro.response_mask[s] == 0, 0.0)
+            stats.add_max("rollout_mismatch_abs_max", gap.max() if gap.numel() else gap.sum())
 
     def _gradient_sync(self, last: bool):
         if self.world == 1:
