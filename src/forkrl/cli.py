@@ -186,6 +186,7 @@ def eval_command(
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
     device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+    backend: str = typer.Option("hf", "--backend", help="Generation backend: hf, or vllm (forkrl[vllm])."),
     out: str = typer.Option(
         None, "--out", help="Directory for eval.json and eval.md (an existing one is moved aside to OUT.old-<time>)."
     ),
@@ -212,6 +213,7 @@ def eval_command(
             dtype=dtype,
             device=device,
             top_p=top_p,
+            backend=backend,
         )
 
 

@@ -55,6 +55,7 @@ def store(
     template: str = typer.Option("paper", "--template"),
     limit: int = typer.Option(None, "--limit", help="Only the first N prompts."),
     device: str = typer.Option(None, "--device"),
+    backend: str = typer.Option("hf", "--backend", help="What samples: hf, or vllm (forkrl[vllm])."),
 ) -> None:
     """Generate k responses per prompt (or load them) and store per-token entropy and log-prob in parquet."""
     from forkrl.analysis.store import StoreOptions, run_store
@@ -73,7 +74,17 @@ def store(
             template=template,
             limit=limit,
         )
-    _run(run_store, model, out, data=data or None, responses=responses, options=options, device=device, fresh=out)
+    _run(
+        run_store,
+        model,
+        out,
+        data=data or None,
+        responses=responses,
+        options=options,
+        device=device,
+        backend=backend,
+        fresh=out,
+    )
 
 
 @app.command(

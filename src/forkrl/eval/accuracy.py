@@ -473,40 +473,60 @@ def run_eval_command(
     device: str | None = None,
     top_p: float = 1.0,
     split: str = "test",
+    backend: str = "hf",
 ) -> EvalReport:
     """`forkrl eval`: check the inputs, load `model` with `load_policy`, evaluate `data`, print the
     markdown table, and write `eval.json` / `eval.md` into `out` when given (an `out` that already
-    holds files is moved aside to `OUT.old-<time>` first, never overwritten)."""
+    holds files is moved aside to `OUT.old-<time>` first, never overwritten). `backend`: the
+    generation backend (`hf`, or `vllm`: an engine loaded with the model's weights)."""
     from forkrl.models.loading import load_policy
+    from forkrl.rollout.registry import build_standalone_backend, close_backend, get_backend, missing_package
 
     _check_eval_inputs(model, data, k, max_new_tokens, out, temperature, top_p, reward, batch_size, limit,
                        question_key, answer_key, template, split)  # fmt: skip
     try:
+        get_backend(backend)
+    except ValueError as err:
+        raise EvalInputError(f"--backend {backend!r}: {err}") from err
+    if missing_package(backend):
+        raise EvalInputError(f"--backend {backend!r}: {missing_package(backend)}")
+    try:
         policy, tokenizer = load_policy(model, dtype=dtype, device=device)
     except (OSError, ValueError) as err:
         raise EvalInputError(f"--model {model!r}: {err}") from err
+    engine = None
+    if backend != "hf":
+        engine = build_standalone_backend(
+            backend, policy, tokenizer, next(policy.parameters()).device, batch_size, seed=seed or 0
+        )
     fast_paths.reset()
     from forkrl.models import precision
 
-    with precision.autocast(dtype, next(policy.parameters()).device):  # `auto`: bf16 autocast on CUDA
-        report = evaluate_model(
-            policy,
-            tokenizer,
-            list(data),
-            k=k,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            reward_fn=reward,
-            question_key=question_key,
-            answer_key=answer_key,
-            template=template,
-            batch_size=batch_size,
-            seed=seed,
-            limit=limit,
-            split=split,
-        )
+    try:
+        with precision.autocast(dtype, next(policy.parameters()).device):  # `auto`: bf16 autocast on CUDA
+            report = evaluate_model(
+                policy,
+                tokenizer,
+                list(data),
+                k=k,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                reward_fn=reward,
+                question_key=question_key,
+                answer_key=answer_key,
+                template=template,
+                batch_size=batch_size,
+                seed=seed,
+                limit=limit,
+                split=split,
+                backend=engine,
+            )
+    finally:
+        if engine is not None:
+            close_backend(engine)
     report.config["model"] = model
+    report.config["backend"] = backend
     report.config["fast_paths"] = fast_paths.status()  # which speed-ups ran; a declined one is also warned
     print(report.to_markdown(), end="")
     errors = sum(r.num_reward_errors for r in report.results)

@@ -128,6 +128,48 @@ def build_backend(name: str, ctx: BackendContext) -> GenerationBackend:
     return _resolve(get_backend(name).factory)(ctx)
 
 
+def build_standalone_backend(
+    name: str,
+    model: torch.nn.Module,
+    tokenizer,
+    device: torch.device | str,
+    batch_size: int,
+    backend_kwargs: dict | None = None,
+    seed: int = 0,
+) -> GenerationBackend:
+    """Backend `name` outside a training run (`forkrl eval`, `forkrl analyze store`): sampling with
+    `model` (a plain model on one device). Checks the package and the options first, like a run."""
+    from types import SimpleNamespace
+
+    missing = missing_package(name)
+    if missing:
+        raise ValueError(missing)
+    problems = option_problems(name, backend_kwargs or {})
+    if problems:
+        raise ValueError(problems[0])
+    rollout = SimpleNamespace(
+        generation_batch_size=batch_size, decode_phase=0, backend_kwargs=dict(backend_kwargs or {})
+    )
+    ctx = BackendContext(
+        model,
+        tokenizer,
+        getattr(getattr(model, "config", None), "name_or_path", ""),
+        rollout,
+        torch.device(device),
+        contextlib.nullcontext,
+        weights=lambda: model.state_dict().items(),
+        seed=seed,
+    )
+    return build_backend(name, ctx)
+
+
+def close_backend(backend: GenerationBackend) -> None:
+    """Release what a backend holds (an engine); nothing for in-process backends."""
+    close = getattr(backend, "close", None)
+    if close is not None:
+        close()
+
+
 def _resolve(target):
     if isinstance(target, str):
         module, _, attr = target.partition(":")

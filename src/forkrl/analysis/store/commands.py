@@ -30,11 +30,15 @@ def run_store(
     options: StoreOptions | None = None,
     dtype: str = "auto",
     device: str | None = None,
+    backend: str = "hf",
 ) -> dict[str, Any]:
     """Build a store in `out_dir` with checkpoint `model` (loaded with `dtype` on `device`):
     sample `options.k` responses per question of the prompt files `data` (read with
     `question_key`, `answer_key`, `template`, `split`, `limit`; see `generate_store`), or load
     the prompt/response pairs of the jsonl file `responses` and score them (`store_from_jsonl`).
+
+    `backend`: what samples (`hf`, or `vllm`: an engine with the model's weights; the entropies
+    then come from one teacher-forced pass of the model, as an engine returns none).
 
     Returns a summary: path, number of samples and tokens, mean entropy, mean reward.
     """
@@ -52,7 +56,17 @@ def run_store(
             store = store_from_jsonl(policy, tokenizer, responses, out_dir, options, model_name=model)
         else:
             examples = _load_examples(data, options, tokenizer)
-            store = generate_store(policy, tokenizer, examples, out_dir, options, model_name=model)
+            engine = None
+            if backend != "hf":
+                from forkrl.rollout.registry import build_standalone_backend
+
+                device_of = next(policy.parameters()).device
+                engine = build_standalone_backend(backend, policy, tokenizer, device_of, options.batch_size)
+            try:
+                store = generate_store(policy, tokenizer, examples, out_dir, options, model_name=model, backend=engine)
+            finally:
+                if engine is not None:
+                    engine.close()
     return store_summary(store)
 
 

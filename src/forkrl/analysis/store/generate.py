@@ -72,9 +72,29 @@ def generate_store(
             sample_ids = np.arange(start, min(start + batch_size, num_sequences))
             owners = [examples[s // k] for s in sample_ids]
             rollout = backend.generate([ex.prompt for ex in owners], _sampling_params(options, sample_ids))
+            if rollout.sampler_entropy is None and model is not None:
+                rollout = _with_scored_entropy(model, rollout, options.temperature)
             writer.write(*_rollout_tables(rollout, sample_ids, owners, tokenizer, decoder, rewards))
             logger.info("store: %d/%d responses", sample_ids[-1] + 1, num_sequences)
         return writer.close()
+
+
+def _with_scored_entropy(model: torch.nn.Module, rollout: Rollout, temperature: float) -> Rollout:
+    """An engine's rollout (no full-distribution entropy) with the entropy of softmax(z/T) of each
+    response token from one teacher-forced pass of `model` (SPEC Eq. 1)."""
+    import torch
+
+    from forkrl.models.mode import eval_mode
+    from forkrl.models.scoring import score_responses
+
+    device = next(model.parameters()).device
+    on = rollout.to(device)
+    with torch.inference_mode(), eval_mode(model):
+        _, entropy = score_responses(
+            model, on.prompt_ids, on.prompt_mask, on.response_ids, on.response_mask, temperature or 1.0
+        )
+    rollout.sampler_entropy = entropy.float().cpu().masked_fill(rollout.response_mask == 0, 0.0)
+    return rollout
 
 
 def _sample_seed(seed: int, sample_id: int) -> int:
