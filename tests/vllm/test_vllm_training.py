@@ -143,7 +143,7 @@ def _no_hf_sampling(self, prompts, params):
 @pytest.mark.parametrize(
     "extra, names",
     [
-        ({"rollout.decode_phase": 8}, ["rollout.decode_phase", "vllm"]),
+        ({"rollout.backend_kwargs.max_num_seqs": 0}, ["rollout.backend_kwargs.max_num_seqs = 0", "> 0"]),
         ({"rollout.backend_kwargs.tensor_parallel": 2}, ["rollout.backend_kwargs.tensor_parallel", "vllm"]),
         ({"rollout.backend_kwargs.dtype": "fp8"}, ["rollout.backend_kwargs.dtype", "'fp8'"]),
         ({"rollout.backend": "hf"}, ["rollout.backend_kwargs.kv_cache_memory_bytes", "'hf' takes no options"]),

@@ -50,7 +50,9 @@ class BackendCapabilities:
     entropy_temperature: bool = False
     """Entropy-aware decoding (`rollout.entropy_temperature`, paper Eq. 5)."""
     decode_phases: bool = False
-    """`rollout.decode_phase > 0`."""
+    """`rollout.decode_phase > 0` is accepted: finished rows stop costing decode steps (`hf` in
+    phases of that many tokens; an engine with continuous batching does it at every token, and
+    the setting then has no effect)."""
     sampler_entropy: bool = True
     """`Rollout.sampler_entropy` is filled (the entropy of each token's sampling distribution)."""
     rollout_correction: str = "none"
@@ -214,7 +216,7 @@ BACKENDS["vllm"] = RegisteredBackend(
     BackendCapabilities(
         row_seeds=True,
         entropy_temperature=True,
-        decode_phases=False,
+        decode_phases=True,  # continuous batching: a finished row leaves the batch at once
         sampler_entropy=False,
         rollout_correction="tis",
         holds_weights=True,
