@@ -39,6 +39,9 @@ and pools their measured steps, so both see the same drift in load.
     python benchmarks/train_step.py --prompts 4 --max-new-tokens 64 256 1024 2048 --min-new-tokens max \
         --threads 1 --warmup 1 --repeats 2 --rounds 2
     pip install trl accelerate                       # to add the TRL comparison
+    # with vLLM (.venv-vllm: make test-vllm, then pip install trl): forkrl and TRL on both samplers
+    .venv-vllm/bin/python benchmarks/train_step.py --backend vllm --prompts 32 --max-new-tokens 1024 \
+        --min-new-tokens max --threads 1
 """
 
 from __future__ import annotations
@@ -57,9 +60,13 @@ from pathlib import Path
 
 import torch
 
-FRAMEWORKS = ("forkrl", "trl", "forkrl-generate")
+FRAMEWORKS = ("forkrl", "trl", "forkrl-generate", "forkrl-vllm", "trl-vllm")
 """`forkrl-generate`: forkrl decoding through `model.generate` (`HFGenerationBackend(lean_decode=False)`,
-the path before the lean decode loop), for before/after figures in one run."""
+the path before the lean decode loop), for before/after figures in one run. `forkrl-vllm`: forkrl
+with `rollout.backend=vllm` (an in-process engine; needs vllm, e.g. .venv-vllm). `trl-vllm`: TRL's
+`GRPOTrainer` with `use_vllm=True, vllm_mode="colocate"`."""
+KV_CACHE_BYTES = 2 * 2**30
+"""KV cache of the vLLM engines (32 prompts x 8 x 1,024 tokens of the default model take ~0.55 GB)."""
 FORKRL_PHASES = ("generate_s", "reward_s", "old_logprobs_s", "update_s")
 
 # Written into the work directory and imported by both frameworks (forkrl through
@@ -143,6 +150,9 @@ def _run_forkrl(args: argparse.Namespace, work: Path) -> dict:
         "trainer.tensorboard": "false",
         "trainer.device": "cpu",
     }
+    if args.worker == "forkrl-vllm":
+        overrides["rollout.backend"] = "vllm"
+        overrides["rollout.backend_kwargs.kv_cache_memory_bytes"] = KV_CACHE_BYTES
     cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
     trainer = Trainer(cfg)
     threads = torch.get_num_threads()
@@ -169,7 +179,8 @@ def _run_forkrl(args: argparse.Namespace, work: Path) -> dict:
         generation_cpu[0] = 0.0
 
     trainer.backend.generate = timed_generate  # an instance attribute shadows the method
-    trainer.backend.lean_decode = args.worker != "forkrl-generate"
+    if args.worker != "forkrl-vllm":
+        trainer.backend.lean_decode = args.worker != "forkrl-generate"
 
     trainer.logger.log = log_and_mark
     trainer.train()
@@ -224,7 +235,6 @@ def _run_trl(args: argparse.Namespace, work: Path) -> dict:
         learning_rate=1e-6,
         max_grad_norm=1.0,
         gradient_checkpointing=args.gradient_checkpointing,  # TRL's default is True, forkrl's False
-        use_vllm=False,
         report_to=[],
         bf16=False,
         use_cpu=True,
@@ -232,6 +242,7 @@ def _run_trl(args: argparse.Namespace, work: Path) -> dict:
         max_steps=steps,
         save_strategy="no",
         dataloader_num_workers=0,
+        **_trl_vllm_options(args),
     )
     assert config.generation_batch_size == n_seq, config.generation_batch_size
     trainer = GRPOTrainer(
@@ -305,6 +316,23 @@ def _run_trl(args: argparse.Namespace, work: Path) -> dict:
     return {"steps": timer.steps, "version": trl.__version__}
 
 
+def _trl_vllm_options(args: argparse.Namespace) -> dict:
+    """TRL's own vLLM path (colocate: an engine in the trainer's process) for `trl-vllm`."""
+    if args.worker != "trl-vllm":
+        return {"use_vllm": False}
+    # Colocate mode starts vLLM with the torchrun-style external launcher: it reads these.
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", "29599")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    return {
+        "use_vllm": True,
+        "vllm_mode": "colocate",
+        "vllm_enable_sleep_mode": False,  # CUDA only
+        "vllm_gpu_memory_utilization": 0.1,
+    }
+
+
 def _worker(args: argparse.Namespace) -> None:
     work = Path(args.work)
     sys.path.insert(0, str(work))
@@ -312,7 +340,7 @@ def _worker(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     # A worker runs one setting: one response length, `--min-new-tokens` already resolved to an int.
     args.max_new_tokens, args.min_new_tokens = args.max_new_tokens[0], int(args.min_new_tokens)
-    result = _run_trl(args, work) if args.worker == "trl" else _run_forkrl(args, work)
+    result = _run_trl(args, work) if args.worker.startswith("trl") else _run_forkrl(args, work)
     print("RESULT " + json.dumps(result))
 
 
@@ -408,12 +436,14 @@ def _run_setting(args: argparse.Namespace, frameworks: list[str], work: Path, ma
             f"| {s['tokens_per_s']:8.1f} | {s['tokens_per_cpu_s']:9.1f} | {s['decode_tokens_per_s']:12.1f} "
             f"| {s['decode_tokens_per_cpu_s']:16.1f} | {phases}"
         )
-    if "forkrl" in summaries and "trl" in summaries:
-        fk, trl = summaries["forkrl"], summaries["trl"]
+    best = _fastest(summaries)
+    if best:
+        (fk_name, fk), (trl_name, trl) = best
         print(
-            f"\nforkrl / TRL: tokens/s {fk['tokens_per_s'] / trl['tokens_per_s']:.2f}x (goal >= 2x at 1024 tokens), "
-            f"tokens per CPU-second {fk['tokens_per_cpu_s'] / trl['tokens_per_cpu_s']:.2f}x, "
-            f"decode tokens per CPU-second {fk['decode_tokens_per_cpu_s'] / trl['decode_tokens_per_cpu_s']:.2f}x"
+            f"\nforkrl ({fk_name}) / TRL ({trl_name}), each with its fastest sampler here: tokens/s "
+            f"{fk['tokens_per_s'] / trl['tokens_per_s']:.2f}x (goal >= 2x at 1024 tokens), tokens per CPU-second "
+            f"{fk['tokens_per_cpu_s'] / trl['tokens_per_cpu_s']:.2f}x, decode tokens per CPU-second "
+            f"{fk['decode_tokens_per_cpu_s'] / trl['decode_tokens_per_cpu_s']:.2f}x"
         )
     if "forkrl" in summaries and "forkrl-generate" in summaries:
         fk, gen = summaries["forkrl"], summaries["forkrl-generate"]
@@ -425,28 +455,31 @@ def _run_setting(args: argparse.Namespace, frameworks: list[str], work: Path, ma
     return summaries
 
 
+def _fastest(summaries: dict) -> tuple[tuple[str, dict], tuple[str, dict]] | None:
+    """(name, summary) of the fastest forkrl and the fastest TRL variant by step tokens/s, if both ran."""
+    fk = [(n, s) for n, s in summaries.items() if n.startswith("forkrl") and n != "forkrl-generate"]
+    trl = [(n, s) for n, s in summaries.items() if n.startswith("trl")]
+    if not fk or not trl:
+        return None
+    key = lambda item: item[1]["tokens_per_s"]  # noqa: E731
+    return max(fk, key=key), max(trl, key=key)
+
+
 def _print_table(results: dict[int, dict]) -> None:
-    """One line per response length: whole-step and decode throughput of both frameworks, and ratios."""
-    print(
-        "\n| new tokens | forkrl tok/s | TRL tok/s | ratio | tok/cpu-s ratio | forkrl decode tok/cpu-s "
-        "| TRL decode tok/cpu-s | decode ratio | forkrl generate / rest cpu-s | TRL generate / rest cpu-s "
-        "| forkrl via generate: decode tok/cpu-s |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    """One line per response length: step and decode tokens/s of every framework, and the ratio of
+    the fastest forkrl to the fastest TRL."""
+    names = [n for n in FRAMEWORKS if any(n in s for s in results.values())]
+    head = " | ".join(f"{n} step / decode tok/s" for n in names)
+    print(f"\n| new tokens | {head} | fastest forkrl / fastest TRL (step tok/s) |")
+    print("|---" * (len(names) + 2) + "|")
     for length, s in results.items():
-        if "forkrl" not in s or "trl" not in s:
-            continue
-        fk, trl = s["forkrl"], s["trl"]
-        print(
-            f"| {length} | {fk['tokens_per_s']:.0f} | {trl['tokens_per_s']:.0f} "
-            f"| {fk['tokens_per_s'] / trl['tokens_per_s']:.2f}x "
-            f"| {fk['tokens_per_cpu_s'] / trl['tokens_per_cpu_s']:.2f}x "
-            f"| {fk['decode_tokens_per_cpu_s']:.0f} | {trl['decode_tokens_per_cpu_s']:.0f} "
-            f"| {fk['decode_tokens_per_cpu_s'] / trl['decode_tokens_per_cpu_s']:.2f}x "
-            f"| {fk['generate_cpu_s']:.2f} / {fk['rest_cpu_s']:.2f} "
-            f"| {trl['generate_cpu_s']:.2f} / {trl['rest_cpu_s']:.2f} "
-            + (f"| {s['forkrl-generate']['decode_tokens_per_cpu_s']:.0f} |" if "forkrl-generate" in s else "| — |")
-        )
+        cells = [f"{s[n]['tokens_per_s']:.0f} / {s[n]['decode_tokens_per_s']:.0f}" if n in s else "—" for n in names]
+        best = _fastest(s)
+        ratio = "—"
+        if best:
+            (fk_name, fk), (trl_name, trl) = best
+            ratio = f"{fk['tokens_per_s'] / trl['tokens_per_s']:.2f}x ({fk_name} / {trl_name})"
+        print(f"| {length} | {' | '.join(cells)} | {ratio} |")
 
 
 def main() -> None:
@@ -476,6 +509,12 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4, help="attention heads")
     parser.add_argument("--kv-heads", type=int, default=2, help="key/value heads")
     parser.add_argument("--frameworks", nargs="+", default=["forkrl", "trl"], choices=FRAMEWORKS)
+    parser.add_argument(
+        "--backend",
+        choices=("hf", "vllm"),
+        default="hf",
+        help="vllm: add forkrl-vllm and trl-vllm (TRL's colocate mode) to --frameworks",
+    )
     parser.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -484,6 +523,8 @@ def main() -> None:
     if args.worker:
         _worker(args)
         return
+    if args.backend == "vllm":
+        args.frameworks += [f for f in ("forkrl-vllm", "trl-vllm") if f not in args.frameworks]
 
     print(
         f"torch={torch.__version__} threads={args.threads} model: qwen3 hidden={args.hidden} layers={args.layers} "
@@ -500,9 +541,12 @@ def main() -> None:
             "and compare tok/cpu-s"
         )
     frameworks = list(args.frameworks)
-    if "trl" in frameworks and importlib.util.find_spec("trl") is None:
+    if importlib.util.find_spec("trl") is None and any(f.startswith("trl") for f in frameworks):
         print("TRL not installed: pip install trl to compare")
-        frameworks.remove("trl")
+        frameworks = [f for f in frameworks if not f.startswith("trl")]
+    if importlib.util.find_spec("vllm") is None and any(f.endswith("vllm") for f in frameworks):
+        print("vllm not installed (e.g. use .venv-vllm of `make test-vllm`): the vllm variants are left out")
+        frameworks = [f for f in frameworks if not f.endswith("vllm")]
 
     with tempfile.TemporaryDirectory(prefix="forkrl_bench_") as tmp:
         work = Path(tmp)
