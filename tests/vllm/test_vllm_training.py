@@ -154,3 +154,24 @@ def test_a_config_the_backend_cannot_serve_is_refused(vllm_model_dir, prompts_fi
         load_config(None, overrides(vllm_model_dir, prompts_file, str(tmp_path / "run"), **extra))
     assert all(n in str(err.value) for n in names), str(err.value)
     assert not (tmp_path / "run").exists()
+
+
+def test_lora_pushes_the_merged_weights(vllm_model_dir, prompts_file, tmp_path):
+    """Under LoRA the engine gets base + adapter merged (`PolicyModels.full_state_dict`)."""
+    out = tmp_path / "run"
+    lora = {"model.lora_rank": 4, "model.lora_target_modules": "[q_proj, v_proj]", "optim.lr": 5e-2}
+    run_training(None, overrides(vllm_model_dir, prompts_file, str(out), **lora))
+    assert all(r["rollout_mismatch_abs_max"] < PUSHED for r in _records(out))
+
+
+def test_fsdp2_pushes_the_gathered_weights(vllm_model_dir, prompts_file, tmp_path):
+    """Under FSDP2 every process gathers the full weights for its own engine."""
+    out = tmp_path / "run"
+    common = {"trainer.strategy": "fsdp2", "selection.scope": "global", "optim.micro_batch_size": 2}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29573"]
+    cmd += ["-m", "forkrl.cli", "train", *overrides(vllm_model_dir, prompts_file, str(out), **common)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=Path(__file__).parents[2])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    records = _records(out)
+    assert len(records) == 2 and all(r["rollout_mismatch_abs_max"] < PUSHED for r in records)
