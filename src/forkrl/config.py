@@ -25,11 +25,8 @@ import yaml
 from forkrl.algo.advantages import ADVANTAGE_ESTIMATORS
 from forkrl.algo.losses import NORMALIZERS, POLICY_LOSSES, LossConfig
 from forkrl.algo.selection import ENTROPY_SOURCES, SCOPES
+from forkrl.errors import ConfigError
 from forkrl.ops.selection import STRATEGIES
-
-
-class ConfigError(ValueError):
-    """A config key or value that cannot be used; the message names the key."""
 
 
 def _check_span(s) -> None:

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import typer
 
+from forkrl.errors import UserError
 from forkrl.io import atomic_write_json, pyplot, save_figure
 
 # `forkrl.tasks.forecast` (and with it torch) is imported where it is used: `forkrl analyze --help`
@@ -73,7 +74,7 @@ LOG_LOSS_EPS = 1e-3
 """Forecasts are clipped to [ε, 1 − ε] in the log loss."""
 
 
-class CalibrationInputError(ValueError):
+class CalibrationInputError(UserError):
     """A forecasts file that cannot be read; the message names the file, line and key."""
 
 

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from forkrl.errors import UserError
+
 __all__ = [
     "Run",
     "RunError",
@@ -49,7 +51,7 @@ differ only in these and in seeds are seeds of one setting."""
 _EVAL_DIR = re.compile(r"^step_(\d+)$")
 
 
-class RunError(ValueError):
+class RunError(UserError):
     """A run directory that cannot be analysed; the message names the file and the key."""
 
 

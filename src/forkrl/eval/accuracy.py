@@ -37,6 +37,7 @@ import numpy as np
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from forkrl import fast_paths
+from forkrl.errors import UserError
 from forkrl.io import atomic_write_json, atomic_write_text, fresh_output_dir
 from forkrl.rollout.base import GenerationBackend, SamplingParams
 from forkrl.rollout.hf import HFGenerationBackend
@@ -389,7 +390,7 @@ def write_eval_report(report: EvalReport, out_dir: str | os.PathLike, include_de
 # ---------------------------------------------------------------------------- CLI
 
 
-class EvalInputError(ValueError):
+class EvalInputError(UserError):
     """A `forkrl eval` argument that cannot work; the message names the option and the value."""
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from forkrl.errors import UserError
 from forkrl.io import atomic_write_json, atomic_write_text, pyplot, save_figure
 from forkrl.sweep.grid import Cell, find_baseline
 from forkrl.sweep.runner import RESULT_FILE
@@ -31,7 +32,7 @@ CURVES = (
 METRICS = ("acc_at_k", "len_at_k")
 
 
-class SweepReportError(ValueError):
+class SweepReportError(UserError):
     """A directory that is not a sweep (no sweep.json) or a baseline that names no cell."""
 
 

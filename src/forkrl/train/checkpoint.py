@@ -31,12 +31,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from forkrl.errors import UserError
+
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TMP_DIR = re.compile(r"^\.tmp-(?:replaced-)?step_\d+-(?P<host>.+)-(?P<pid>\d+)$")
 _TRAINER_STATE_KEYS = ("step", "optimizer", "scheduler", "rng", "trainer")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be resumed from; the message names the file and what is wrong."""
 
 

@@ -24,13 +24,14 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from forkrl.errors import UserError
 from forkrl.io import aside_name, atomic_write_text, is_empty_dir, move_aside
 from forkrl.train.logging import split_jsonl_after_step
 
 __all__ = ["RunDirError", "RunDirectory"]
 
 
-class RunDirError(ValueError):
+class RunDirError(UserError):
     """A run directory that cannot be used as asked (not empty, locked, not a run); names the path."""
 
 

@@ -38,6 +38,7 @@ import torch
 from forkrl import fast_paths
 from forkrl.config import Config, ConfigError, dump_config, load_config
 from forkrl.distributed import is_distributed, reduce_scalars
+from forkrl.errors import TrainingInterrupted, TrainingStopped
 from forkrl.metrics import MetricSums
 from forkrl.rollout.base import Rollout
 from forkrl.rollout.registry import BackendContext, build_backend, get_backend
@@ -56,18 +57,6 @@ from forkrl.train.state import restore_training_state, save_training_state
 from forkrl.train.update import PolicyUpdater
 
 PERCENTILES = tuple(range(0, 101, 10))
-
-
-class TrainingStopped(RuntimeError):
-    """Raised when the run cannot go on (e.g. too many consecutive NaN/inf steps); names the cause."""
-
-
-class TrainingInterrupted(TrainingStopped):
-    """SIGTERM/SIGINT: the step in progress was finished and checkpointed; `--resume` continues."""
-
-    def __init__(self, signum: int, message: str):
-        super().__init__(message)
-        self.signum = signum
 
 
 class Trainer:
