@@ -48,7 +48,13 @@ def load_sweep(out: Path) -> dict[str, Any]:
     path = out / SWEEP_FILE
     if not path.is_file():
         raise SweepReportError(f"{out}: no {SWEEP_FILE} here (is it a forkrl sweep directory?)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        sweep = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SweepReportError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(sweep, dict) or not isinstance(sweep.get("cells"), list):
+        raise SweepReportError(f"{path}: not a sweep record (no list of cells)")
+    return sweep
 
 
 def cells_of(sweep: dict[str, Any]) -> list[Cell]:

@@ -39,6 +39,7 @@ from forkrl import fast_paths
 from forkrl.config import Config, ConfigError, dump_config, load_config
 from forkrl.distributed import is_distributed, reduce_scalars
 from forkrl.errors import TrainingInterrupted, TrainingStopped
+from forkrl.extras import check_config_extras
 from forkrl.metrics import MetricSums
 from forkrl.rollout.base import Rollout
 from forkrl.rollout.registry import BackendContext, build_backend, get_backend
@@ -82,6 +83,7 @@ class Trainer:
         self.is_main = self.rank == 0
         self.run_dir = Path(cfg.output_dir)
         self._check_divisible()
+        check_config_extras(cfg)  # wandb, peft, vllm: before the model loads and anything is written
         self.group = torch.distributed.group.WORLD if is_distributed() else None
         self.run = run_dir or RunDirectory(cfg.output_dir, "resume" if resume_from is not None else "new")
         if self.is_main and run_dir is None:
@@ -318,8 +320,13 @@ def run_training(
     mode = "resume" if resume is not None else ("overwrite" if overwrite else "new")
     run = RunDirectory(cfg.output_dir, mode)
     with run if main else contextlib.nullcontext():
-        trainer = Trainer(cfg, resume_from=resume, run_dir=run)
-        return trainer.train()
+        try:
+            trainer = Trainer(cfg, resume_from=resume, run_dir=run)
+            return trainer.train()
+        except BaseException:
+            if main:
+                run.undo_start()  # a start that failed before its first step leaves nothing behind
+            raise
 
 
 def _resume_config(resume: str, config_path: str | None, overrides: list[str]) -> Config:
