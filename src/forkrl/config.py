@@ -513,10 +513,16 @@ def _override_value(key: str, raw: str) -> Any:
 
 def _yaml_problem(err: yaml.YAMLError) -> str:
     """What is wrong, and where, in one line (PyYAML's own text spans several lines)."""
-    problem = getattr(err, "problem", None) or str(err)
-    mark = getattr(err, "problem_mark", None)
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    return " ".join(f"{problem}{where}".split())
+
+    def at(mark) -> str:
+        return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+    problem = getattr(err, "problem", None)
+    if problem is None:
+        return " ".join(str(err).split())
+    context = getattr(err, "context", None)
+    text = f"{context}{at(getattr(err, 'context_mark', None))}: " if context else ""
+    return " ".join(f"{text}{problem}{at(getattr(err, 'problem_mark', None))}".split())
 
 
 def read_yaml_file(path: str | os.PathLike, what: str = "config file") -> Any:

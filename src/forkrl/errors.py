@@ -37,6 +37,7 @@ __all__ = [
     "TrainingStopped",
     "UserError",
     "one_line",
+    "os_reason",
     "set_debug",
     "user_errors",
 ]
@@ -106,6 +107,12 @@ def one_line(err: BaseException) -> str:
     else:
         text = str(err)
     return " ".join(text.split()) or type(err).__name__
+
+
+def os_reason(err: OSError) -> str:
+    """What the operating system said, without the path (`read-only file system`), for messages that
+    name the path themselves."""
+    return err.strerror[:1].lower() + err.strerror[1:] if err.strerror else one_line(err)
 
 
 def _usage_errors() -> tuple[type[Exception], tuple[type[Exception], ...]]:

@@ -275,11 +275,15 @@ def load_forecasts(
     if not os.path.isfile(path):
         raise CalibrationInputError(f"{path}: no such file")
     ps, ys, qs, rows, invalid = [], [], [], 0, 0
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            where = f"{path}: line {line_no}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise CalibrationInputError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
             if not line.strip():
                 continue
-            where = f"{path}: line {line_no}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:

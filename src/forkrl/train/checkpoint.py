@@ -227,14 +227,17 @@ def load_state_file(file: str | os.PathLike) -> Any:
         with torch.serialization.safe_globals(_legacy_numpy_globals()):
             return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        detail = re.search(r"(Unsupported global: GLOBAL \S+|Can only build [^\n]+)", str(err))
+        needs = re.search(r"GLOBAL ([\w.]+)", str(err)) or re.search(
+            r"Can only build [^,]+, but got ([^\n]+)", str(err)
+        )
         raise CheckpointError(
-            f"{file}: refused: it holds more than tensors and plain values "
-            f"({detail[1] if detail else 'not a plain-data pickle'}); forkrl loads checkpoints with "
-            "torch.load(weights_only=True) and never runs code from them"
+            f"{file}: refused: loading it would need {needs[1] if needs else 'more than plain data'}, not only "
+            "tensors and plain values; forkrl loads checkpoints with torch.load(weights_only=True) and never runs "
+            "code from them"
         ) from None
     except Exception as err:  # a cut-short zip, not a torch file: unusable either way
-        raise CheckpointError(f"{file}: cannot be loaded ({type(err).__name__}: {one_line(err)})") from None
+        first = one_line(err).split(". ")[0]  # torch's own advice follows; the file is unusable either way
+        raise CheckpointError(f"{file}: cannot be loaded ({type(err).__name__}: {first})") from None
 
 
 def load_trainer_state(path: str | os.PathLike) -> dict[str, Any]:

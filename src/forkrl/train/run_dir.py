@@ -27,7 +27,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from forkrl.errors import UserError, one_line
+from forkrl.errors import UserError, os_reason
 from forkrl.io import aside_name, atomic_write_text, is_empty_dir, move_aside
 from forkrl.train.logging import split_jsonl_after_step
 
@@ -83,7 +83,7 @@ class RunDirectory:
         except OSError as err:  # a read-only file system, no permission, a full disk (after Timeout, an OSError too)
             raise RunDirError(
                 f"output_dir = '{self.path}': cannot create its lock file {self.lock_path} "
-                f"({one_line(err)}); choose an output_dir you can write to"
+                f"({os_reason(err)}); choose an output_dir you can write to"
             ) from None
         self._lock = lock
         try:
