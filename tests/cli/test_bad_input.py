@@ -424,6 +424,13 @@ ROWS = [
         setup=_store,
     ),
     Row(
+        "analyze-score-read-only-store",
+        ["analyze", "score", "{ws}/ro/store", "--model", "{model}", "--name", "x"],
+        ["store {ws}/ro/store/tokens.parquet: cannot write there", "read-only file system"],
+        setup=lambda ws, ctx: (ws / "ro").mkdir() or _store(ws / "ro", ctx),
+        patch=_read_only,
+    ),
+    Row(
         "analyze-entropy-unknown-column",
         ["analyze", "entropy", "{ws}/store", "--out", "{ws}/e", "--column", "nope"],
         ["{ws}/store: no entropy column 'nope'"],

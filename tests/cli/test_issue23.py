@@ -174,8 +174,8 @@ def test_a_crafted_trainer_state_is_refused_and_not_run(tmp_path):
 
 
 def test_checkpoints_of_older_versions_still_load(tmp_path):
-    """Before this change numpy's RNG state went in as numpy's own tuple (an ndarray inside): the three
-    numpy names that rebuild it are allowed, nothing else."""
+    """Before this change numpy's RNG state went in as numpy's own tuple (an ndarray inside): what
+    rebuilds that array is allowed, nothing else."""
     from forkrl.train.checkpoint import restore_rng_state
 
     np.random.seed(7)

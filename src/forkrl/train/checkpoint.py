@@ -203,8 +203,9 @@ def _process_exists(pid: int) -> bool:
 
 
 def _legacy_numpy_globals() -> list:
-    """The three numpy names that rebuild the one numpy array (numpy's RNG key) in checkpoints written
-    before `capture_rng_state` stored it as a tensor, so those still resume; nothing else."""
+    """What rebuilds the one numpy array (numpy's RNG key) in checkpoints written before
+    `capture_rng_state` stored it as a tensor, so those still resume: `_reconstruct`, `ndarray`,
+    `dtype` and the uint32 dtype class; nothing else."""
     try:
         from numpy._core.multiarray import _reconstruct  # numpy >= 2
     except ImportError:  # numpy 1

@@ -89,11 +89,13 @@ def run_score(
 ) -> dict[str, Any]:
     """Re-score a store's responses under checkpoint `model`, adding `entropy_<name>`/`logprob_<name>`.
     The store and the model's tokenizer are checked to fit (`check_tokenizer_fits`) before the model loads."""
+    from forkrl.io import check_writable
     from forkrl.models import precision
     from forkrl.models.loading import check_model_source, load_policy, load_tokenizer
 
     opened = RolloutStore.open(store)
     check_score_name(name)
+    check_writable(opened.tokens_path, "store")  # the new columns go into it: fail now, not after scoring
     check_tokenizer_fits(opened, load_tokenizer(check_model_source(model)), model)
     policy, _ = load_policy(model, dtype=dtype, device=device)
     with precision.autocast(dtype, next(policy.parameters()).device):
