@@ -470,6 +470,18 @@ ROWS = [
         ["{ws}", "metrics.jsonl"],
     ),
     Row(
+        "analyze-compare-metrics-not-utf8",
+        ["analyze", "compare", "{ws}/r", "--out", "{ws}/c"],
+        ["{ws}/r/metrics.jsonl: not UTF-8 text"],
+        files={"r/metrics.jsonl": b'{"step": 1, "note": "' + LATIN1 + b'"}\n'},
+    ),
+    Row(
+        "analyze-law-config-not-utf8",
+        ["analyze", "law", "{ws}/r", "--out", "{ws}/l"],
+        ["{ws}/r/config.yaml: not valid YAML"],
+        files={"r/metrics.jsonl": '{"step": 1, "entropy": 0.5, "accuracy": 0.1}\n', "r/config.yaml": LATIN1},
+    ),
+    Row(
         "analyze-calibration-not-utf8",
         ["analyze", "calibration", "{ws}/f.jsonl"],
         ["{ws}/f.jsonl: line 1: not valid UTF-8"],

@@ -149,11 +149,15 @@ class RunDirectory:
             ):
                 continue
             return False
-        shutil.rmtree(self.path)
+        try:  # never hide the error that stopped the start behind one of its own
+            shutil.rmtree(self.path)
+            if self.moved_to is not None:
+                self.moved_to.rename(self.path)
+                self.moved_to = None
+        except OSError as err:
+            print(f"warning: could not undo the failed start in {self.path}: {err}", file=sys.stderr)
+            return False
         self._created = False
-        if self.moved_to is not None:
-            self.moved_to.rename(self.path)
-            self.moved_to = None
         return True
 
     def release(self) -> None:
