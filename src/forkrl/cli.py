@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
+import sys
 import time
+
+import typer
+from typer.core import TyperGroup
+
+from forkrl import __version__
+from forkrl.errors import set_debug, user_errors
 
 
 def _busy_cores(interval: float = 0.1) -> float:
@@ -46,14 +52,32 @@ def _omp_wait_policy(busy_cores=_busy_cores) -> str | None:
     return None
 
 
-if (_policy := _omp_wait_policy()) is not None:
-    os.environ["OMP_WAIT_POLICY"] = _policy
+def configure_openmp() -> None:
+    """Set `OMP_WAIT_POLICY` (`_omp_wait_policy`) for this process and its children. Called when a
+    command starts, not at import (importing `forkrl.cli` neither sleeps nor changes the environment);
+    it has an effect only before torch is imported, which no command does before this."""
+    if "torch" in sys.modules:
+        return  # OpenMP has read its settings already; measuring would only cost 0.1 s
+    if (policy := _omp_wait_policy()) is not None:
+        os.environ["OMP_WAIT_POLICY"] = policy
 
-import typer  # noqa: E402 (after the OpenMP choice)
 
-from forkrl import __version__  # noqa: E402
+class _Commands(TyperGroup):
+    """The root command: whatever subcommand runs, its user errors (`forkrl.errors`) are shown as one
+    line, `error: ...`, with exit code 2, including those of parsing its arguments."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        set_debug(None)  # `--debug` (parsed here or by the subcommand) turns it on for this invocation
+        with user_errors():
+            return super().make_context(info_name, args, parent=parent, **extra)
+
+    def invoke(self, ctx):
+        with user_errors():
+            return super().invoke(ctx)
+
 
 app = typer.Typer(
+    cls=_Commands,
     name="forkrl",
     help="RL with verifiable rewards on language models, built around high-entropy forking tokens.",
     no_args_is_help=True,
@@ -68,43 +92,15 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
-_DEBUG = {"on": os.environ.get("FORKRL_DEBUG", "") not in ("", "0")}
-"""`--debug` (or FORKRL_DEBUG=1): show user errors' tracebacks instead of one line."""
-
-DEBUG_OPTION = typer.Option(False, "--debug", help="Show the full traceback of an error instead of one line.")
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean bad input (a key, a file, a row, a path), not a bug: one line, exit 2."""
-    from forkrl.config import ConfigError
-    from forkrl.tasks.data import PromptDataError
-    from forkrl.train.checkpoint import CheckpointError
-    from forkrl.train.run_dir import RunDirError
-
-    return (ConfigError, PromptDataError, RunDirError, CheckpointError, FileNotFoundError, FileExistsError)
+def _debug_option(value: bool) -> bool:
+    if value:
+        set_debug(True)
+    return value
 
 
-def _one_line(err: BaseException) -> str:
-    text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)  # KeyError's str() adds quotes
-    return " ".join(str(text).split()) or type(err).__name__
-
-
-@contextlib.contextmanager
-def user_errors(*more: type[BaseException], debug: bool = False):
-    """Turn the user errors (plus `more`) raised inside into `error: <one line>` on stderr and exit
-    code 2; a graceful stop by SIGTERM/SIGINT exits 128 + the signal's number, as a shell reports it."""
-    from forkrl.train.trainer import TrainingInterrupted, TrainingStopped
-
-    try:
-        yield
-    except TrainingInterrupted as err:
-        typer.echo(f"stopped: {_one_line(err)}", err=True)
-        raise typer.Exit(128 + err.signum) from err
-    except (*_user_errors(), TrainingStopped, *more) as err:
-        if debug or _DEBUG["on"]:
-            raise
-        typer.echo(f"error: {_one_line(err)}", err=True)
-        raise typer.Exit(2) from err
+DEBUG_OPTION = typer.Option(
+    False, "--debug", callback=_debug_option, help="Show the full traceback of an error instead of one line."
+)
 
 
 @app.callback()
@@ -115,7 +111,8 @@ def _root(
     debug: bool = DEBUG_OPTION,
 ) -> None:
     """RL with verifiable rewards on language models, built around high-entropy forking tokens."""
-    _DEBUG["on"] = debug or os.environ.get("FORKRL_DEBUG", "") not in ("", "0")  # per invocation
+    set_debug(True if debug else None)  # per invocation (an in-process caller may run several)
+    configure_openmp()
 
 
 @app.command("info")
@@ -159,10 +156,9 @@ def train(
         raise typer.BadParameter("give a config file, key=value overrides, or --resume RUN_DIR")
     if resume is not None and overwrite:
         raise typer.BadParameter("--resume continues a run and --overwrite starts afresh: give one of them")
-    with user_errors(debug=debug):
-        from forkrl.train.trainer import run_training
+    from forkrl.train.trainer import run_training
 
-        run_training(config, args, resume=resume, overwrite=overwrite)
+    run_training(config, args, resume=resume, overwrite=overwrite)
 
 
 @app.command(
@@ -193,28 +189,27 @@ def eval_command(
     debug: bool = DEBUG_OPTION,
 ) -> None:
     """Acc@k and Len@k per benchmark file (the paper's Table 2), as a markdown table and JSON."""
-    from forkrl.eval.accuracy import EvalInputError, run_eval_command
+    from forkrl.eval.accuracy import run_eval_command
 
-    with user_errors(EvalInputError, debug=debug):
-        run_eval_command(
-            model,
-            data,
-            k=k,
-            max_new_tokens=max_new_tokens,
-            out=out,
-            temperature=temperature,
-            seed=seed,
-            reward=reward,
-            question_key=question_key,
-            answer_key=answer_key,
-            template=template,
-            batch_size=batch_size,
-            limit=limit,
-            dtype=dtype,
-            device=device,
-            top_p=top_p,
-            backend=backend,
-        )
+    run_eval_command(
+        model,
+        data,
+        k=k,
+        max_new_tokens=max_new_tokens,
+        out=out,
+        temperature=temperature,
+        seed=seed,
+        reward=reward,
+        question_key=question_key,
+        answer_key=answer_key,
+        template=template,
+        batch_size=batch_size,
+        limit=limit,
+        dtype=dtype,
+        device=device,
+        top_p=top_p,
+        backend=backend,
+    )
 
 
 from forkrl.analysis.cli import app as analyze_app  # noqa: E402  (grouped with its registration)
@@ -262,7 +257,7 @@ def demo(
     if task not in ("countdown", "forecast"):
         raise typer.BadParameter(f"--task must be countdown or forecast, got {task!r}")
     hf_logging.disable_progress_bar()  # the model is tiny; load/save bars would only clutter the table
-    with user_errors(ValueError, debug=debug):
+    with user_errors(ValueError):  # the toy's own checks (e.g. --ratio) raise ValueError
         if task == "forecast":
             from forkrl.toy.forecast_demo import NUM_EVAL_ROWS, run_forecast_demo
 
@@ -316,11 +311,7 @@ def toy_build(
         from forkrl.toy.build import toy_build_command as build_command
 
     extra = {k: v for k, v in (("steps", steps), ("num_traces", num_traces)) if v is not None}
-    try:
-        build_command(seed, out, overwrite=overwrite, **extra)
-    except FileExistsError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from err
+    build_command(seed, out, overwrite=overwrite, **extra)
 
 
 config_app = typer.Typer(help="Inspect training configs.", no_args_is_help=True)
@@ -333,17 +324,13 @@ def config_show(
     overrides: list[str] = typer.Argument(None, help="key.sub=value overrides"),
 ) -> None:
     """Print the fully resolved config (every field) without checking that files exist."""
-    from forkrl.config import ConfigError, dump_config, load_config
+    from forkrl.config import dump_config, load_config
 
     args = list(overrides or [])
     if config is not None and "=" in config:
         args.insert(0, config)
         config = None
-    try:
-        typer.echo(dump_config(load_config(config, args, check_files=False)), nl=False)
-    except ConfigError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from err
+    typer.echo(dump_config(load_config(config, args, check_files=False)), nl=False)
 
 
 @config_app.command("reference", epilog="Example: forkrl config reference > docs/config.md")

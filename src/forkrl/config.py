@@ -25,11 +25,8 @@ import yaml
 from forkrl.algo.advantages import ADVANTAGE_ESTIMATORS
 from forkrl.algo.losses import NORMALIZERS, POLICY_LOSSES, LossConfig
 from forkrl.algo.selection import ENTROPY_SOURCES, SCOPES
+from forkrl.errors import ConfigError
 from forkrl.ops.selection import STRATEGIES
-
-
-class ConfigError(ValueError):
-    """A config key or value that cannot be used; the message names the key."""
 
 
 def _check_span(s) -> None:
@@ -510,23 +507,58 @@ def config_from_dict(data: dict, overrides: list[str] | None = None, check_files
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. selection.ratio=0.1")
         key, raw = item.split("=", 1)
-        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        _set_dotted(data, key.strip(), _override_value(key.strip(), raw))
     cfg = _build(Config, data, "")
     _validate(cfg, check_files)
     return cfg
+
+
+def _override_value(key: str, raw: str) -> Any:
+    """The YAML value of one `key=value` override (plain YAML: tags such as `!!python/...` are refused)."""
+    if not raw.strip():
+        return ""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {key}={raw}: the value is not valid YAML ({_yaml_problem(err)})") from None
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """What is wrong, and where, in one line (PyYAML's own text spans several lines)."""
+
+    def at(mark) -> str:
+        return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+    problem = getattr(err, "problem", None)
+    if problem is None:
+        return " ".join(str(err).split())
+    context = getattr(err, "context", None)
+    text = f"{context}{at(getattr(err, 'context_mark', None))}: " if context else ""
+    return " ".join(f"{text}{problem}{at(getattr(err, 'problem_mark', None))}".split())
+
+
+def read_yaml_file(path: str | os.PathLike, what: str = "config file") -> Any:
+    """A YAML file's contents (safe loader: no tags that build Python objects); `ConfigError` naming
+    the file when it is missing, not UTF-8 or not valid YAML."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{what} not found: {os.fspath(path)}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{os.fspath(path)}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+            "save it as UTF-8"
+        ) from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{os.fspath(path)}: not valid YAML: {_yaml_problem(err)}") from None
 
 
 def load_config(path: str | None, overrides: list[str] | None = None, check_files: bool = True) -> Config:
     """Read a YAML recipe (or start from defaults when `path` is None) and apply overrides."""
     data: dict = {}
     if path is not None:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file not found: {path}")
-        with open(path, encoding="utf-8") as f:
-            try:
-                data = yaml.safe_load(f) or {}
-            except yaml.YAMLError as err:
-                raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        data = read_yaml_file(path) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of config sections at the top level")
     return config_from_dict(data, overrides, check_files)

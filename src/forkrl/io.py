@@ -22,10 +22,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from forkrl.errors import UserError, os_reason
+
 __all__ = [
     "atomic_path",
     "atomic_write_json",
     "atomic_write_text",
+    "check_writable",
     "fresh_output_dir",
     "is_empty_dir",
     "move_aside",
@@ -70,6 +73,20 @@ def write_once(path: str | os.PathLike, write: Callable[[Path], Path], mismatch:
         elif path.read_bytes() != fresh.read_bytes():
             raise FileExistsError(f"{path} holds other {mismatch}; use a new sweep directory")
     return path
+
+
+def check_writable(path: str | os.PathLike, what: str = "output") -> None:
+    """`UserError` naming `what` and `path` unless files can be made where `path` is or will be (the
+    nearest existing directory above it): a read-only or forbidden location fails before the work,
+    not after it. Leaves nothing behind (an anonymous temporary file)."""
+    base = Path(path).absolute().parent
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    try:
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as err:
+        raise UserError(f"{what} {os.fspath(path)}: cannot write there ({os_reason(err)})") from None
 
 
 def umask_permissions(path: str | os.PathLike) -> None:
@@ -165,6 +182,7 @@ def fresh_output_dir(path: str | os.PathLike | None) -> Iterator[Path | None]:
         return
     if Path(path).exists() and not Path(path).is_dir():
         raise FileExistsError(f"output {os.fspath(path)!r} is a file, not a directory")
+    check_writable(path, "--out")
     aside = move_aside(path)
     if aside is not None:
         print(f"note: {os.fspath(path)} already held results; moved them to {aside}", file=sys.stderr)

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import typer
 
+from forkrl.errors import UserError
 from forkrl.io import atomic_write_json, pyplot, save_figure
 
 # `forkrl.tasks.forecast` (and with it torch) is imported where it is used: `forkrl analyze --help`
@@ -73,7 +74,7 @@ LOG_LOSS_EPS = 1e-3
 """Forecasts are clipped to [ε, 1 − ε] in the log loss."""
 
 
-class CalibrationInputError(ValueError):
+class CalibrationInputError(UserError):
     """A forecasts file that cannot be read; the message names the file, line and key."""
 
 
@@ -274,11 +275,15 @@ def load_forecasts(
     if not os.path.isfile(path):
         raise CalibrationInputError(f"{path}: no such file")
     ps, ys, qs, rows, invalid = [], [], [], 0, 0
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            where = f"{path}: line {line_no}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise CalibrationInputError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
             if not line.strip():
                 continue
-            where = f"{path}: line {line_no}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:

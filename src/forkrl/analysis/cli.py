@@ -28,7 +28,7 @@ def _errors():
 def _run(fn, *args, fresh: str | None = None, **kwargs) -> None:
     """Run one analysis; `fresh`: its output directory, moved aside (never overwritten) if it
     already holds results, and put back if the analysis fails before writing."""
-    from forkrl.cli import user_errors
+    from forkrl.errors import user_errors
     from forkrl.io import fresh_output_dir
 
     with user_errors(*_errors()), fresh_output_dir(fresh):
@@ -59,7 +59,7 @@ def store(
 ) -> None:
     """Generate k responses per prompt (or load them) and store per-token entropy and log-prob in parquet."""
     from forkrl.analysis.store import StoreOptions, run_store
-    from forkrl.cli import user_errors
+    from forkrl.errors import user_errors
 
     with user_errors(*_errors()):  # a bad setting (k < 1) is reported like the analysis's own errors
         options = StoreOptions(

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from forkrl.errors import UserError
+
 __all__ = [
     "Run",
     "RunError",
@@ -49,7 +51,7 @@ differ only in these and in seeds are seeds of one setting."""
 _EVAL_DIR = re.compile(r"^step_(\d+)$")
 
 
-class RunError(ValueError):
+class RunError(UserError):
     """A run directory that cannot be analysed; the message names the file and the key."""
 
 
@@ -128,8 +130,8 @@ def load_run(run_dir: str | os.PathLike) -> Run:
     if config_file.is_file():
         try:
             config = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            raise RunError(f"{config_file}: not valid YAML ({err})") from err
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise RunError(f"{config_file}: not valid YAML ({' '.join(str(err).split())})") from err
         if not isinstance(config, dict):
             raise RunError(f"{config_file}: expected a mapping at the top level")
 
@@ -141,7 +143,7 @@ def load_run(run_dir: str | os.PathLike) -> Run:
             if m and report.is_file():
                 try:
                     evals[int(m.group(1))] = json.loads(report.read_text(encoding="utf-8"))
-                except json.JSONDecodeError as err:
+                except (json.JSONDecodeError, UnicodeDecodeError) as err:
                     raise RunError(f"{report}: not valid JSON ({err})") from err
 
     name = path.resolve().name
@@ -160,7 +162,10 @@ def load_runs(run_dirs: Sequence[str | os.PathLike] | str | os.PathLike) -> list
 
 
 def _read_metrics(metrics_file: Path) -> list[dict[str, Any]]:
-    lines = metrics_file.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = metrics_file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise RunError(f"{metrics_file}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     by_step: dict[int, dict[str, Any]] = {}
     for i, line in enumerate(lines):
         if not line.strip():

@@ -37,7 +37,8 @@ import numpy as np
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from forkrl import fast_paths
-from forkrl.io import atomic_write_json, atomic_write_text, fresh_output_dir
+from forkrl.errors import UserError
+from forkrl.io import atomic_write_json, atomic_write_text, check_writable, fresh_output_dir
 from forkrl.rollout.base import GenerationBackend, SamplingParams
 from forkrl.rollout.hf import HFGenerationBackend
 from forkrl.seeding import mix_seed
@@ -392,7 +393,7 @@ def write_eval_report(report: EvalReport, out_dir: str | os.PathLike, include_de
 # ---------------------------------------------------------------------------- CLI
 
 
-class EvalInputError(ValueError):
+class EvalInputError(UserError):
     """A `forkrl eval` argument that cannot work; the message names the option and the value."""
 
 
@@ -429,6 +430,8 @@ def _check_eval_inputs(
         raise EvalInputError("--data: give at least one benchmark file")
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise EvalInputError(f"--out {out!r}: is a file; expected a directory for eval.json and eval.md")
+    if out is not None:
+        check_writable(out, "--out")  # now, not after the evaluation
     for source in data:
         looks_local = source.endswith((".jsonl", ".json", ".parquet")) or os.sep in source or source.startswith(".")
         if looks_local and not os.path.exists(source):

@@ -1,4 +1,6 @@
-"""`forkrl sweep CONFIG ...` (run or continue a sweep) and `forkrl sweep report DIR`, as a typer sub-app."""
+"""`forkrl sweep CONFIG ...` (run or continue a sweep) and `forkrl sweep report DIR`, as a typer sub-app.
+
+Its user errors are shown as one line by the root command (`forkrl.errors.user_errors`)."""
 
 from __future__ import annotations
 
@@ -20,13 +22,6 @@ app = typer.Typer(
     help="Seeded ablations: every cell x seed trained and evaluated, resumable; report with 95% CIs.",
     no_args_is_help=True,
 )
-
-
-def _user_errors():
-    from forkrl.cli import user_errors
-    from forkrl.sweep.report import SweepReportError
-
-    return user_errors(SweepReportError)
 
 
 @app.command(
@@ -68,21 +63,20 @@ def run(
     """Train and evaluate every cell x seed (skipping finished runs, resuming interrupted ones), then report."""
     from forkrl.sweep.run import plan_from_options, run_sweep
 
-    with _user_errors():
-        plan = plan_from_options(
-            config, grid or [], cell or [], seeds, out, overrides or [], baseline, setup, jobs, launcher
-        )
-        params = {}
-        for item in slurm or []:
-            key, eq, value = item.partition("=")
-            if not eq:
-                raise typer.BadParameter(f"--slurm {item!r}: expected KEY=VALUE")
-            params[key.strip()] = value.strip()
-        try:
-            summary = run_sweep(plan, cluster=cluster, slurm=params, echo=typer.echo)
-        except KeyboardInterrupt as err:
-            typer.echo(f"stopped: {err or 'interrupted'}; re-run the same command to continue", err=True)
-            raise typer.Exit(130) from None
+    plan = plan_from_options(
+        config, grid or [], cell or [], seeds, out, overrides or [], baseline, setup, jobs, launcher
+    )
+    params = {}
+    for item in slurm or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise typer.BadParameter(f"--slurm {item!r}: expected KEY=VALUE")
+        params[key.strip()] = value.strip()
+    try:
+        summary = run_sweep(plan, cluster=cluster, slurm=params, echo=typer.echo)
+    except KeyboardInterrupt as err:
+        typer.echo(f"stopped: {err or 'interrupted'}; re-run the same command to continue", err=True)
+        raise typer.Exit(130) from None
     if summary["failed"]:
         raise typer.Exit(1)
 
@@ -95,8 +89,7 @@ def report(
     """Write summary.json, summary.md and figures/*.png of a sweep (mean ± 95% t CI, paired differences, cost)."""
     from forkrl.sweep.report import write_report
 
-    with _user_errors():
-        summary = write_report(directory, baseline)
+    summary = write_report(directory, baseline)
     typer.echo(f"{len(summary['cells'])} cells, {len(summary['missing'])} runs missing; {directory}/summary.md")
 
 
@@ -109,6 +102,5 @@ def export(
     DEST copied back as a sweep directory continues the sweep with the missing runs only."""
     from forkrl.sweep.export import export_results
 
-    with _user_errors():
-        written = export_results(directory, dest)
+    written = export_results(directory, dest)
     typer.echo(f"{len(written)} files written to {dest}")

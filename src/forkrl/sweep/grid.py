@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from forkrl.config import ConfigError
+from forkrl.config import ConfigError, read_yaml_file
 
 SWEEP_FILE_KEYS = ("config", "cells", "grid", "seeds", "baseline", "setup", "overrides", "out", "jobs", "launcher")
 
@@ -172,11 +172,7 @@ class SweepPlan:
 
 def load_sweep_file(path: str) -> dict[str, Any]:
     """The fields of a sweep file, or {} when `path` is a training config (no top-level `config`)."""
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = yaml.safe_load(f) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    data = read_yaml_file(path) or {}
     if not isinstance(data, dict) or "config" not in data:
         return {}
     unknown = sorted(set(data) - set(SWEEP_FILE_KEYS))

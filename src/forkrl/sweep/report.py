@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from forkrl.errors import UserError
 from forkrl.io import atomic_write_json, atomic_write_text, pyplot, save_figure
 from forkrl.sweep.grid import Cell, find_baseline
 from forkrl.sweep.runner import RESULT_FILE
@@ -31,7 +32,7 @@ CURVES = (
 METRICS = ("acc_at_k", "len_at_k")
 
 
-class SweepReportError(ValueError):
+class SweepReportError(UserError):
     """A directory that is not a sweep (no sweep.json) or a baseline that names no cell."""
 
 
@@ -47,7 +48,13 @@ def load_sweep(out: Path) -> dict[str, Any]:
     path = out / SWEEP_FILE
     if not path.is_file():
         raise SweepReportError(f"{out}: no {SWEEP_FILE} here (is it a forkrl sweep directory?)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        sweep = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SweepReportError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(sweep, dict) or not isinstance(sweep.get("cells"), list):
+        raise SweepReportError(f"{path}: not a sweep record (no list of cells)")
+    return sweep
 
 
 def cells_of(sweep: dict[str, Any]) -> list[Cell]:

@@ -27,10 +27,11 @@ import time
 from pathlib import Path
 
 from forkrl.config import ConfigError, load_config
+from forkrl.extras import check_config_extras, require_package
 from forkrl.io import atomic_write_json
 from forkrl.sweep.grid import Cell, SweepPlan, find_baseline
 from forkrl.sweep.launch import LAUNCHERS, _LocalHandle, _SubmititHandle, make_executor, run_jobs, threads_per_job
-from forkrl.sweep.report import SWEEP_FILE, base_dir, run_dir, write_report
+from forkrl.sweep.report import SWEEP_FILE, base_dir, load_sweep, run_dir, write_report
 from forkrl.sweep.runner import RESULT_FILE, SweepJob, run_state
 
 SETUPS = {"toy": "forkrl.toy.recipe:sweep_setup"}
@@ -64,7 +65,7 @@ def _record_sweep(plan: SweepPlan, baseline: str | None) -> dict:
         "baseline": baseline,
     }
     if path.is_file():
-        old = json.loads(path.read_text(encoding="utf-8"))
+        old = load_sweep(plan.out)
         for key in ("config", "overrides", "setup"):
             if old.get(key) != record[key]:
                 raise ConfigError(
@@ -104,6 +105,7 @@ def plan_jobs(plan: SweepPlan, threads: int) -> list[SweepJob]:
             directory = str(run_dir(plan.out, cell, seed).resolve())
             overrides = [*seed_overrides, *cell.overrides, f"output_dir={directory}"]
             cfg = load_config(plan.config, overrides)  # a bad key or value fails now, naming it
+            check_config_extras(cfg)
             if run_state(directory, cfg.trainer.total_steps) == "done":
                 continue
             job = SweepJob("train", f"{cell.name}/seed_{seed}", directory, plan.config, overrides, threads, cell.name)
@@ -144,6 +146,8 @@ def run_sweep(
         raise ConfigError(f"--launcher {plan.launcher!r}: expected one of {', '.join(LAUNCHERS)}")
     if plan.jobs < 1:
         raise ConfigError(f"--jobs {plan.jobs}: expected >= 1")
+    if plan.launcher == "submitit":
+        require_package("submitit", "--launcher submitit")
     if not plan.cells:
         raise ConfigError("nothing to sweep: give --grid KEY=V1,V2 or --cell KEY=V,... (or cells/grid in a sweep file)")
     if plan.baseline:
@@ -250,9 +254,16 @@ def plan_from_options(
         overrides=base_overrides,
         baseline=baseline or spec.get("baseline"),
         setup=setup or spec.get("setup"),
-        jobs=jobs or int(spec.get("jobs", 1)),
+        jobs=jobs if jobs is not None else _file_int(spec, "jobs", 1, config),
         launcher=launcher or spec.get("launcher", "local"),
     )
+
+
+def _file_int(spec: dict, key: str, default: int, path: str) -> int:
+    value = spec.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{path}: {key} = {value!r}: expected an integer")
+    return value
 
 
 __all__ = ["Cell", "plan_from_options", "run_sweep"]

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from forkrl.errors import UserError
+
 __all__ = [
     "PAPER_TEMPLATE",
     "PROMPT_TEMPLATES",
@@ -45,7 +47,7 @@ PROMPT_TEMPLATES: dict[str, str] = {"paper": PAPER_TEMPLATE}
 """Named templates accepted by `render_prompt`; other tasks may add theirs."""
 
 
-class PromptDataError(ValueError):
+class PromptDataError(UserError):
     """A prompt source could not be read; the message names the file and row."""
 
 

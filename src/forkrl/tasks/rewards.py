@@ -46,6 +46,7 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
+from forkrl.errors import UserError
 from forkrl.tasks.data import PromptExample
 from forkrl.tasks.math import DEFAULT_TIMEOUT_S, MathVerifier, get_default_verifier
 from forkrl.tasks.scores import RewardBatch
@@ -159,7 +160,7 @@ def load_reward_fn(spec: str | RewardFn) -> RewardFn:
     return obj
 
 
-class RewardOptionsError(ValueError):
+class RewardOptionsError(UserError):
     """Options (`reward.kwargs`) the reward does not take; the message names them and the valid ones."""
 
 

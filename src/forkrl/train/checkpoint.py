@@ -7,6 +7,12 @@ written into a temporary sibling directory first and renamed into place, so a ru
 mid-checkpoint (even by SIGKILL) leaves the previous checkpoint intact. Temporary directories
 are named after their host and process (`.tmp-step_000042-HOST-PID`); a save removes only its
 own and those of processes on this host that no longer exist, never another live process's.
+A save that fails (a full disk: `CheckpointError` "no space left on device") removes its temporary
+directory and leaves the earlier checkpoints as they were.
+
+`trainer_state.pt` holds tensors and plain Python values only (the RNG states too) and is read
+with `torch.load(weights_only=True)` (`load_state_file`): a checkpoint never runs code, and a file
+that would need more than that to load is refused, by name.
 
 Before a run resumes from a checkpoint it is validated (`read_checkpoint`, `check_shapes`):
 every safetensors header is read and checked against the file's size (a truncated file is
@@ -17,8 +23,10 @@ checkpoint to the previous one, with a warning naming the corrupt path.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -31,21 +39,26 @@ from typing import Any
 import numpy as np
 import torch
 
+from forkrl.errors import UserError, one_line
+
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TMP_DIR = re.compile(r"^\.tmp-(?:replaced-)?step_\d+-(?P<host>.+)-(?P<pid>\d+)$")
 _TRAINER_STATE_KEYS = ("step", "optimizer", "scheduler", "rng", "trainer")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be resumed from; the message names the file and what is wrong."""
+class CheckpointError(UserError):
+    """A checkpoint that cannot be resumed from, or written; the message names the file and what is wrong."""
 
 
 def capture_rng_state() -> dict[str, Any]:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
+    """Every RNG's state as tensors and plain Python values, so `trainer_state.pt` loads with
+    `torch.load(weights_only=True)` (numpy's own state holds an ndarray, which would not)."""
+    numpy_state = np.random.get_state(legacy=False)  # {"bit_generator", "state": {"key", "pos"}, ...}
+    numpy_state["state"] = {
+        "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+        "pos": int(numpy_state["state"]["pos"]),
     }
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -53,7 +66,11 @@ def capture_rng_state() -> dict[str, Any]:
 
 def restore_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):  # plain form (`capture_rng_state`); older checkpoints hold numpy's tuple
+        key = np.asarray(numpy_state["state"]["key"], dtype=np.int64).astype(np.uint32)
+        numpy_state = {**numpy_state, "state": {"key": key, "pos": int(numpy_state["state"]["pos"])}}
+    np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -111,21 +128,31 @@ def save_checkpoint(
     _remove_abandoned_tmp_dirs(root)
     tag = f"{socket.gethostname()}-{os.getpid()}"
     tmp = root / f".tmp-{final.name}-{tag}"
-    model.save_pretrained(tmp, safe_serialization=True, state_dict=model_state)
-    tokenizer.save_pretrained(tmp)
-    if extra is not None:
-        extra(tmp)
-    torch.save(
-        {
+    try:
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=model_state)
+        tokenizer.save_pretrained(tmp)
+        if extra is not None:
+            extra(tmp)
+        state = {
             "step": step,
             "optimizer": optimizer if isinstance(optimizer, dict) else optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": capture_rng_state(),
             "trainer": trainer_state,
-        },
-        tmp / "trainer_state.pt",
-    )
-    _fsync_dir(tmp)
+        }
+        # Through a Python file: a full disk is then OSError(ENOSPC), not torch's "unexpected pos".
+        with open(tmp / "trainer_state.pt", "wb") as f:
+            torch.save(state, f)
+        _fsync_dir(tmp)
+    except BaseException as err:
+        full = _out_of_space(err)
+        shutil.rmtree(tmp, ignore_errors=True)  # the earlier checkpoints were never touched
+        if full:
+            raise CheckpointError(
+                f"checkpoint {final} not saved: no space left on device under {root} (the earlier checkpoints "
+                f"are intact); free some space, then continue with: forkrl train --resume {run_dir}"
+            ) from None
+        raise
     if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
         old = root / f".tmp-replaced-{final.name}-{tag}"
         final.rename(old)
@@ -137,6 +164,19 @@ def save_checkpoint(
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _out_of_space(err: BaseException | None) -> bool:
+    """Whether `err` (or an error it came from) is a full disk or quota, also as wrapped by
+    safetensors ("I/O error: No space left on device (os error 28)")."""
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            return True
+        if "No space left on device" in str(err) or "Disk quota exceeded" in str(err):
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
 
 
 def _remove_abandoned_tmp_dirs(root: Path) -> None:
@@ -162,12 +202,51 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
+def _legacy_numpy_globals() -> list:
+    """What rebuilds the one numpy array (numpy's RNG key) in checkpoints written before
+    `capture_rng_state` stored it as a tensor, so those still resume: `_reconstruct`, `ndarray`,
+    `dtype` and the uint32 dtype class; nothing else."""
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy >= 2
+    except ImportError:  # numpy 1
+        from numpy.core.multiarray import _reconstruct
+    return [
+        (_reconstruct, "numpy._core.multiarray._reconstruct"),  # as numpy 2 pickles it
+        (_reconstruct, "numpy.core.multiarray._reconstruct"),  # as numpy 1 pickles it
+        np.ndarray,
+        np.dtype,
+        type(np.dtype(np.uint32)),
+    ]
+
+
+def load_state_file(file: str | os.PathLike) -> Any:
+    """`trainer_state.pt` read with `torch.load(weights_only=True)`: tensors and plain Python values
+    only, so a crafted file can never run code (a pickle's `__reduce__` is refused, not called).
+    Raises `CheckpointError` naming the file when it is unreadable or needs anything more."""
+    file = Path(file)
+    try:
+        with torch.serialization.safe_globals(_legacy_numpy_globals()):
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        needs = re.search(r"GLOBAL ([\w.]+)", str(err)) or re.search(
+            r"Can only build [^,]+, but got ([^\n]+)", str(err)
+        )
+        raise CheckpointError(
+            f"{file}: refused: loading it would need {needs[1] if needs else 'more than plain data'}, not only "
+            "tensors and plain values; forkrl loads checkpoints with torch.load(weights_only=True) and never runs "
+            "code from them"
+        ) from None
+    except Exception as err:  # a cut-short zip, not a torch file: unusable either way
+        first = one_line(err).split(". ")[0]  # torch's own advice follows; the file is unusable either way
+        raise CheckpointError(f"{file}: cannot be loaded ({type(err).__name__}: {first})") from None
+
+
 def load_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
     """The non-model part of a checkpoint (optimizer, scheduler, RNG, trainer state)."""
     file = Path(path) / "trainer_state.pt"
     if not file.is_file():
         raise FileNotFoundError(f"{path} is not a forkrl checkpoint: {file.name} is missing")
-    return torch.load(file, map_location="cpu", weights_only=False)
+    return load_state_file(file)
 
 
 # ---------------------------------------------------------------------------- validation
@@ -214,10 +293,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     state_file = path / "trainer_state.pt"
     if not state_file.is_file():
         raise CheckpointError(f"{state_file}: missing")
-    try:
-        state = torch.load(state_file, map_location="cpu", weights_only=False)
-    except Exception as err:  # a cut-short zip, a pickle error: the file is unusable either way
-        raise CheckpointError(f"{state_file}: cannot be loaded ({type(err).__name__}: {err})") from None
+    state = load_state_file(state_file)
     missing = [k for k in _TRAINER_STATE_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"{state_file}: lacks {', '.join(missing)}")

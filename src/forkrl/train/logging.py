@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from forkrl.extras import require_package
 from forkrl.io import atomic_write_text
 
 
@@ -61,7 +62,14 @@ class RunLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._metrics = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
         self._samples = open(self.run_dir / "samples.jsonl", "a", encoding="utf-8")
-        self._tb = None
+        self._tb = self._wandb = None
+        try:
+            self._start_integrations(tensorboard, wandb_project, config)
+        except BaseException:
+            self.close()  # the files are closed; the trainer's undo_start removes the directory
+            raise
+
+    def _start_integrations(self, tensorboard: bool, wandb_project: str | None, config: dict | None) -> None:
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -69,14 +77,10 @@ class RunLogger:
                 self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
             except ImportError:  # tensorboard is an optional extra
                 self._tb = None
-        self._wandb = None
         if wandb_project:
-            try:
-                import wandb
-            except ImportError as err:
-                raise ImportError(
-                    "trainer.wandb_project is set but wandb is missing: pip install 'forkrl[wandb]'"
-                ) from err
+            require_package("wandb", f"trainer.wandb_project = {wandb_project!r}")  # the trainer checked it earlier
+            import wandb
+
             self._wandb = wandb.init(project=wandb_project, dir=str(self.run_dir), config=config)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:

@@ -10,13 +10,16 @@
   into the run directory before the config, data, reward and model have been checked, and a
   moved-aside directory does not take the lock with it.
 - The directory itself is created (and an old one moved aside) only by `prepare()`, which the
-  trainer calls once everything has been validated.
+  trainer calls once everything has been validated. A run that fails before its first step (a
+  logger that cannot start, an error in step 1) is undone by `undo_start()`: its directory is
+  removed, or the one `--overwrite` moved aside is put back, so a rerun is not blocked.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import sys
 import time
@@ -24,13 +27,19 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from forkrl.errors import UserError, os_reason
 from forkrl.io import aside_name, atomic_write_text, is_empty_dir, move_aside
 from forkrl.train.logging import split_jsonl_after_step
 
 __all__ = ["RunDirError", "RunDirectory"]
 
+_START_FILES = ("config.yaml", "metrics.jsonl", "samples.jsonl")
+_START_DIRS = ("tensorboard", "wandb")
+"""What a start writes before its first step: `undo_start` removes a directory holding only these
+(the jsonl files empty)."""
 
-class RunDirError(ValueError):
+
+class RunDirError(UserError):
     """A run directory that cannot be used as asked (not empty, locked, not a run); names the path."""
 
 
@@ -55,20 +64,26 @@ class RunDirectory:
         self.lock_path = self.path.with_name(f".{self.path.name}.lock")
         self.owner_path = self.path.with_name(f".{self.path.name}.lock.owner")
         self.moved_to: Path | None = None
+        self._created = False  # prepare() made the directory of a new run (or of --overwrite)
         self._lock: FileLock | None = None
 
     def acquire(self) -> RunDirectory:
         """Take the lock (at once, or `RunDirError` naming the holder) and check the mode's precondition."""
         if self.path.exists() and not self.path.is_dir():
             raise RunDirError(f"output_dir = '{self.path}' is a file, not a directory")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(self.lock_path), timeout=0)
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             lock.acquire()
         except Timeout:
             raise RunDirError(
                 f"run directory '{self.path}' is in use by another forkrl run ({self._holder()}; "
                 f"lock file {self.lock_path}); wait for it to finish or choose another output_dir"
+            ) from None
+        except OSError as err:  # a read-only file system, no permission, a full disk (after Timeout, an OSError too)
+            raise RunDirError(
+                f"output_dir = '{self.path}': cannot create its lock file {self.lock_path} "
+                f"({os_reason(err)}); choose an output_dir you can write to"
             ) from None
         self._lock = lock
         try:
@@ -94,6 +109,7 @@ class RunDirectory:
             self.moved_to = move_aside(self.path)
             if self.moved_to is not None:
                 print(f"moved the previous contents of {self.path} to {self.moved_to}", file=sys.stderr)
+        self._created = self.mode != "resume"
         self.path.mkdir(parents=True, exist_ok=True)
         if resume_step is not None:
             self._set_aside_after(resume_step)
@@ -115,6 +131,34 @@ class RunDirectory:
             if dropped:
                 aside = aside_name(self.path / f"{Path(name).stem}.after_step_{step:06d}")
                 atomic_write_text(aside.with_name(aside.name + ".jsonl"), "".join(dropped))
+
+    def undo_start(self) -> bool:
+        """After a failed start: remove what `prepare()` and the run's loggers wrote, and put the
+        directory that `--overwrite` moved aside back, when the run got no further (no step logged,
+        no sample, no checkpoint), so the same command can simply be run again. Returns whether it
+        did. Never touches a resumed run, nor a directory holding anything else."""
+        if not self._created or not self.path.is_dir():
+            return False
+        for entry in self.path.iterdir():
+            if entry.name in _START_DIRS and entry.is_dir():
+                continue
+            if (
+                entry.name in _START_FILES
+                and entry.is_file()
+                and (entry.name == "config.yaml" or not entry.stat().st_size)
+            ):
+                continue
+            return False
+        try:  # never hide the error that stopped the start behind one of its own
+            shutil.rmtree(self.path)
+            if self.moved_to is not None:
+                self.moved_to.rename(self.path)
+                self.moved_to = None
+        except OSError as err:
+            print(f"warning: could not undo the failed start in {self.path}: {err}", file=sys.stderr)
+            return False
+        self._created = False
+        return True
 
     def release(self) -> None:
         if self._lock is None:

@@ -39,6 +39,8 @@ from forkrl import fast_paths
 from forkrl.algo.losses import resolve_rollout_correction
 from forkrl.config import Config, ConfigError, dump_config, load_config
 from forkrl.distributed import is_distributed, reduce_scalars
+from forkrl.errors import TrainingInterrupted, TrainingStopped
+from forkrl.extras import check_config_extras
 from forkrl.metrics import MetricSums
 from forkrl.rollout.base import Rollout
 from forkrl.rollout.registry import BackendContext, build_backend, get_backend
@@ -57,18 +59,6 @@ from forkrl.train.state import restore_training_state, save_training_state
 from forkrl.train.update import PolicyUpdater
 
 PERCENTILES = tuple(range(0, 101, 10))
-
-
-class TrainingStopped(RuntimeError):
-    """Raised when the run cannot go on (e.g. too many consecutive NaN/inf steps); names the cause."""
-
-
-class TrainingInterrupted(TrainingStopped):
-    """SIGTERM/SIGINT: the step in progress was finished and checkpointed; `--resume` continues."""
-
-    def __init__(self, signum: int, message: str):
-        super().__init__(message)
-        self.signum = signum
 
 
 class Trainer:
@@ -94,6 +84,7 @@ class Trainer:
         self.is_main = self.rank == 0
         self.run_dir = Path(cfg.output_dir)
         self._check_divisible()
+        check_config_extras(cfg)  # wandb, peft, vllm: before the model loads and anything is written
         self.group = torch.distributed.group.WORLD if is_distributed() else None
         self.run = run_dir or RunDirectory(cfg.output_dir, "resume" if resume_from is not None else "new")
         if self.is_main and run_dir is None:
@@ -341,8 +332,13 @@ def run_training(
     mode = "resume" if resume is not None else ("overwrite" if overwrite else "new")
     run = RunDirectory(cfg.output_dir, mode)
     with run if main else contextlib.nullcontext():
-        trainer = Trainer(cfg, resume_from=resume, run_dir=run)
-        return trainer.train()
+        try:
+            trainer = Trainer(cfg, resume_from=resume, run_dir=run)
+            return trainer.train()
+        except BaseException:
+            if main:
+                run.undo_start()  # a start that failed before its first step leaves nothing behind
+            raise
 
 
 def _resume_config(resume: str, config_path: str | None, overrides: list[str]) -> Config:

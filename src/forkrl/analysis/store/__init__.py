@@ -53,6 +53,7 @@ from forkrl.analysis.store.schema import (
     TOKEN_SCHEMA,
     TOKENS_FILE,
     RolloutStore,
+    StoreError,
 )
 from forkrl.analysis.store.writer import StoreWriter
 
@@ -65,6 +66,7 @@ __all__ = [
     "TOKENS_FILE",
     "TOKEN_SCHEMA",
     "RolloutStore",
+    "StoreError",
     "StoreOptions",
     "StoreWriter",
     "add_token_columns",

@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 from forkrl.analysis.store.generate import generate_store
 from forkrl.analysis.store.ingest import store_from_jsonl
 from forkrl.analysis.store.options import StoreOptions
-from forkrl.analysis.store.rescore import score_store
+from forkrl.analysis.store.rescore import check_score_name, check_tokenizer_fits, score_store
 from forkrl.analysis.store.schema import RolloutStore
 
 if TYPE_CHECKING:
@@ -42,20 +42,28 @@ def run_store(
 
     Returns a summary: path, number of samples and tokens, mean entropy, mean reward.
     """
-    from forkrl.models.loading import load_policy
+    from forkrl.models import precision
+    from forkrl.models.loading import check_model_source, load_policy, load_tokenizer
 
     if (data is None) == (responses is None):
         raise ValueError("give exactly one of `data` (questions to sample from) or `responses` (a jsonl file)")
-    from forkrl.models import precision
-
     options = options or StoreOptions()
+    # The inputs before the model: a missing or unreadable file fails in seconds, not after the load.
+    if responses is not None and not os.path.isfile(responses):
+        raise FileNotFoundError(f"--responses {os.fspath(responses)!r}: file not found")
+    examples = None if data is None else _load_examples(data, options, load_tokenizer(check_model_source(model)))
+    if backend != "hf":
+        from forkrl.rollout.registry import get_backend, missing_package
+
+        get_backend(backend)  # an unknown name: ValueError naming the registered ones
+        if missing_package(backend):
+            raise ValueError(f"--backend {backend!r}: {missing_package(backend)}")
     policy, tokenizer = load_policy(model, dtype=dtype, device=device)
     # `dtype=auto`: float32 weights, bf16 autocast on CUDA (forkrl.models.precision)
     with precision.autocast(dtype, next(policy.parameters()).device):
         if responses is not None:
             store = store_from_jsonl(policy, tokenizer, responses, out_dir, options, model_name=model)
         else:
-            examples = _load_examples(data, options, tokenizer)
             engine = None
             if backend != "hf":
                 from forkrl.rollout.registry import build_standalone_backend
@@ -99,10 +107,16 @@ def run_score(
     dtype: str = "auto",
     device: str | None = None,
 ) -> dict[str, Any]:
-    """Re-score a store's responses under checkpoint `model`, adding `entropy_<name>`/`logprob_<name>`."""
+    """Re-score a store's responses under checkpoint `model`, adding `entropy_<name>`/`logprob_<name>`.
+    The store and the model's tokenizer are checked to fit (`check_tokenizer_fits`) before the model loads."""
+    from forkrl.io import check_writable
     from forkrl.models import precision
-    from forkrl.models.loading import load_policy
+    from forkrl.models.loading import check_model_source, load_policy, load_tokenizer
 
+    opened = RolloutStore.open(store)
+    check_score_name(name)
+    check_writable(opened.tokens_path, "store")  # the new columns go into it: fail now, not after scoring
+    check_tokenizer_fits(opened, load_tokenizer(check_model_source(model)), model)
     policy, _ = load_policy(model, dtype=dtype, device=device)
     with precision.autocast(dtype, next(policy.parameters()).device):
         result = score_store(store, policy, name, temperature=temperature, batch_size=batch_size, model_name=model)

@@ -1,5 +1,11 @@
 """`score_store`: the stored responses teacher-forced under another checkpoint, written as
-`entropy_<name>` / `logprob_<name>` token columns (stored token ids -> scores -> new columns)."""
+`entropy_<name>` / `logprob_<name>` token columns (stored token ids -> scores -> new columns).
+
+The store keeps token ids, which mean text only under the tokenizer that made them: a checkpoint with
+another tokenizer would score other text, silently (same vocabulary size) or with an IndexError
+(smaller). `check_tokenizer_fits` compares the tokenizer with `store.json`'s vocabulary size and the
+stored pieces before the model loads, and `score_store` checks every id against the model's rows.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +16,52 @@ import torch
 
 from forkrl.analysis.store.columns import add_token_columns
 from forkrl.analysis.store.rows import model_label, pad_batch
-from forkrl.analysis.store.schema import RolloutStore
+from forkrl.analysis.store.schema import RolloutStore, StoreError
 
-__all__ = ["score_store"]
+__all__ = ["check_score_name", "check_tokenizer_fits", "score_store"]
+
+PIECES_CHECKED = 4096
+"""Distinct token ids (from the start of the token table) whose stored text is compared with the tokenizer's."""
+
+
+def check_score_name(name: str) -> None:
+    """A scoring name makes column names: letters, digits, '_', '-' or '.' only."""
+    if not name or not name.replace("_", "").replace("-", "").replace(".", "").isalnum():
+        raise ValueError(f"--name {name!r}: a scoring name must be letters, digits, '_', '-' or '.'")
+
+
+def check_tokenizer_fits(store: str | os.PathLike | RolloutStore, tokenizer, model_name: str) -> None:
+    """`StoreError` unless `tokenizer` is the one the store was made with: the vocabulary size in
+    `store.json` and the text of the first `PIECES_CHECKED` distinct stored token ids must match."""
+    store = RolloutStore.open(store)
+    recorded = store.meta.get("vocab_size")
+    if recorded is not None and int(recorded) != len(tokenizer):
+        raise StoreError(
+            f"--model {model_name}: its tokenizer has {len(tokenizer)} tokens, but {store.path} was made with a "
+            f"tokenizer of {recorded} (store.json vocab_size): the stored token ids would mean other text; score "
+            "with a checkpoint of the model that made the store"
+        )
+    batch = next(store.iter_token_batches(["token_id", "piece"]), None)
+    if batch is None:
+        return
+    ids = batch.column(0).to_numpy()
+    ids, first = np.unique(ids, return_index=True)
+    ids, first = ids[:PIECES_CHECKED], first[:PIECES_CHECKED]
+    stored = batch.column(1).take(first).to_pylist()
+    if int(ids.max()) >= len(tokenizer):
+        raise StoreError(
+            f"--model {model_name}: the store {store.path} holds token id {int(ids.max())}, beyond its tokenizer's "
+            f"{len(tokenizer)} tokens: score with a checkpoint of the model that made the store"
+        )
+    decoded = tokenizer.batch_decode([[int(i)] for i in ids], skip_special_tokens=False)
+    wrong = [(int(i), s, d) for i, s, d in zip(ids, stored, decoded) if s != d]
+    if wrong:
+        i, s, d = wrong[0]
+        raise StoreError(
+            f"--model {model_name}: its tokenizer is not the one that made {store.path}: token id {i} is {s!r} in "
+            f"the store but {d!r} under this tokenizer ({len(wrong)} of {len(ids)} ids checked differ); score "
+            "with a checkpoint of the model that made the store"
+        )
 
 
 def score_store(
@@ -35,8 +84,7 @@ def score_store(
     from forkrl.models.scoring import score_responses
 
     store = RolloutStore.open(store)
-    if not name or not name.replace("_", "").replace("-", "").replace(".", "").isalnum():
-        raise ValueError(f"scoring name must be letters, digits, '_', '-' or '.', got {name!r}")
+    check_score_name(name)
     samples = store.read_samples(["sample_id", "prompt_ids", "length"])
     lengths = samples.column("length").to_numpy().astype(np.int64)
     prompt_ids = samples.column("prompt_ids").combine_chunks()  # ListArray: offsets + flat values
@@ -45,6 +93,13 @@ def score_store(
     token_ids = store.read_token_column("token_id", np.int64)
     if int(lengths.sum()) != len(token_ids):
         raise ValueError(f"{store.path}: samples count {int(lengths.sum())} tokens, token table has {len(token_ids)}")
+    rows = model.get_input_embeddings().num_embeddings
+    largest = max(int(token_ids.max(initial=0)), int(prompt_values.max(initial=0)))
+    if largest >= rows:
+        raise StoreError(
+            f"{model_name or model_label(model)}: the store {store.path} holds token id {largest}, but the model "
+            f"has {rows} embedding rows: it was made with another model's tokenizer"
+        )
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     prompt_lengths = np.diff(prompt_offsets)
     entropy = np.zeros(len(token_ids), dtype=np.float32)

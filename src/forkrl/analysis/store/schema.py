@@ -17,6 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from forkrl.errors import UserError, one_line
+
 __all__ = [
     "FORMAT_VERSION",
     "META_FILE",
@@ -26,6 +28,7 @@ __all__ = [
     "TOKENS_FILE",
     "TOKEN_SCHEMA",
     "RolloutStore",
+    "StoreError",
 ]
 
 TOKENS_FILE = "tokens.parquet"
@@ -64,6 +67,11 @@ SAMPLE_SCHEMA = pa.schema(
 """Columns of the per-response table."""
 
 
+class StoreError(UserError):
+    """A store that cannot be used (a file cut short or of another format, a model that does not fit
+    it); the message names the file or the model."""
+
+
 @dataclass
 class RolloutStore:
     """A store directory (see `forkrl.analysis.store`). Open one with `RolloutStore.open(path)`."""
@@ -78,7 +86,24 @@ class RolloutStore:
         for name in (TOKENS_FILE, SAMPLES_FILE, META_FILE):
             if not (store.path / name).is_file():
                 raise FileNotFoundError(f"{store.path} is not a rollout store: {name} is missing")
+        store._check_files()
         return store
+
+    def _check_files(self) -> None:
+        """Each file readable as what it should be (the parquet footers only: cheap), or `StoreError`
+        naming it: a truncated copy used to fail deep in an analysis without saying which file."""
+        self.meta  # noqa: B018 (reading it is the check)
+        for file, schema in ((self.tokens_path, TOKEN_SCHEMA), (self.samples_path, SAMPLE_SCHEMA)):
+            try:
+                names = pq.read_schema(file).names
+            except (pa.ArrowException, OSError) as err:
+                raise StoreError(
+                    f"{file}: not a readable parquet file ({one_line(err)}); was it cut short? "
+                    "copy it again or rebuild the store with forkrl analyze store"
+                ) from None
+            missing = [n for n in schema.names if n not in names]
+            if missing:
+                raise StoreError(f"{file}: lacks the column(s) {', '.join(missing)} of a rollout store")
 
     @property
     def tokens_path(self) -> Path:
@@ -91,7 +116,14 @@ class RolloutStore:
     @property
     def meta(self) -> dict[str, Any]:
         """The contents of `store.json`."""
-        return json.loads((self.path / META_FILE).read_text(encoding="utf-8"))
+        file = self.path / META_FILE
+        try:
+            meta = json.loads(file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise StoreError(f"{file}: not valid JSON ({one_line(err)})") from None
+        if not isinstance(meta, dict):
+            raise StoreError(f"{file}: expected a JSON object, got {type(meta).__name__}")
+        return meta
 
     @property
     def num_tokens(self) -> int:
