@@ -225,7 +225,12 @@ def _run_trl(args: argparse.Namespace, work: Path) -> dict:
         steps_per_generation=n_seq // args.micro_batch,  # ... and generates them all at once
         num_iterations=1,
         max_completion_length=args.max_new_tokens,
-        generation_kwargs={"min_new_tokens": args.min_new_tokens} if args.min_new_tokens else None,
+        # HF's name for the EOS mask, or vLLM's (TRL passes generation_kwargs to the sampler as they are).
+        generation_kwargs=(
+            {"min_tokens" if args.worker == "trl-vllm" else "min_new_tokens": args.min_new_tokens}
+            if args.min_new_tokens
+            else None
+        ),
         temperature=1.0,
         top_entropy_quantile=0.2,
         beta=0.0,
