@@ -27,12 +27,12 @@ the entropy percentiles come from the update pass's old-policy entropies instead
 from __future__ import annotations
 
 import contextlib
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from forkrl.registry import Registry, import_attribute
 from forkrl.rollout.base import GenerationBackend
 
 
@@ -75,14 +75,14 @@ class RegisteredBackend:
     """The factory, or `module:function` imported when first built."""
 
 
-BACKENDS: dict[str, RegisteredBackend] = {}
+BACKENDS: Registry[RegisteredBackend] = Registry("rollout.backend", hint=" (or give module:factory)")
 
 
 def register_backend(name: str, capabilities: BackendCapabilities = BackendCapabilities()):
     """Decorator: register `factory(ctx: BackendContext) -> GenerationBackend` as `name`."""
 
     def add(factory):
-        BACKENDS[name] = RegisteredBackend(name, capabilities, factory)
+        BACKENDS.register(name, RegisteredBackend(name, capabilities, factory))
         return factory
 
     return add
@@ -93,21 +93,19 @@ def get_backend(name: str) -> RegisteredBackend:
     if name in BACKENDS:
         return BACKENDS[name]
     if ":" in name:
-        module, _, attr = name.partition(":")
         try:
-            factory = getattr(importlib.import_module(module), attr)
+            factory = import_attribute(name)
         except (ImportError, AttributeError) as err:
             raise ValueError(f"rollout.backend {name!r}: cannot import it ({err})") from err
         caps = getattr(factory, "capabilities", BackendCapabilities())
         return RegisteredBackend(name, caps, factory)
-    raise ValueError(f"unknown rollout.backend {name!r}; registered: {sorted(BACKENDS)} (or give module:factory)")
+    raise ValueError(BACKENDS.unknown(name))
 
 
 def build_backend(name: str, ctx: BackendContext) -> GenerationBackend:
     factory = get_backend(name).factory
     if isinstance(factory, str):
-        module, _, attr = factory.partition(":")
-        factory = getattr(importlib.import_module(module), attr)
+        factory = import_attribute(factory)
     return factory(ctx)
 
 

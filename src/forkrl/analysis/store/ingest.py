@@ -131,7 +131,7 @@ def _scored_text_tables(
     device = next(model.parameters()).device
     prompt_t, prompt_m, resp_t, resp_m = pad_batch(prompt_ids, response_ids, tokenizer.pad_token_id or 0, device)
     with torch.inference_mode(), eval_mode(model):
-        logprob, entropy = score_responses(model, prompt_t, prompt_m, resp_t, resp_m, temperature)
+        logprob, entropy, _ = score_responses(model, prompt_t, prompt_m, resp_t, resp_m, temperature)
     eos = tokenizer.eos_token_id
     scores = None if rewards is None else rewards(responses, examples).scores
     prompt_index = np.array([ex.index for ex in examples])
