@@ -69,7 +69,7 @@ def test_load_by_import_path_and_file(reward_module):
         ("my_rewards_mod:missing", "has no attribute 'missing'"),
         ("my_rewards_mod:NOT_CALLABLE", "'NOT_CALLABLE' is a int, not callable"),
         ("/no/such/file.py:fn", "file '/no/such/file.py' not found"),
-        ("nonsense", "unknown reward 'nonsense'; registered: .*'math'.* or an import path"),
+        ("nonsense", r"unknown reward 'nonsense'; registered: \[.*'math'\] \(or an import path"),
     ],
 )
 def test_load_errors(reward_module, spec, message):
