@@ -228,6 +228,11 @@ def select_tokens(
         if not spec.reports_threshold:
             threshold = nan
 
+    return _with_statistics(mask, threshold, k, num_valid, entropy, valid, ranked)
+
+
+def _with_statistics(mask, threshold, k: int, num_valid, entropy, valid, ranked: RankGroup) -> TokenSelection:
+    """The `TokenSelection` of `mask`, with its entropy means over the group."""
     # fp64 sums so that the means of 10^8 tokens do not drift; one all-reduce for both
     # (torch.where rather than boolean indexing, which would sync on the GPU)
     if entropy is not None:
