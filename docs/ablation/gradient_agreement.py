@@ -32,9 +32,10 @@ import torch
 import yaml
 
 from forkrl.algo.losses import PolicyLossInput, compute_policy_loss, loss_denominators
+from forkrl.algo.selection import TokenSelector
 from forkrl.config import load_config
 from forkrl.metrics import MetricSums
-from forkrl.ops.selection import select_tokens
+from forkrl.ops.token_ranking import select_tokens
 from forkrl.toy.recipe import sweep_setup, toy_config_dict
 from forkrl.train.trainer import Trainer
 
@@ -81,7 +82,9 @@ def main() -> None:
                 chosen = select_tokens(ent.detach(), ro.response_mask[s], strategy, ratio, generator=generator,
                                        grad_norm=gn)  # fmt: skip
                 masks.append(chosen.mask)
-            denoms = loss_denominators([ro.response_mask[s] for s in micro], strategy, ratio, "microbatch")
+            responses = [ro.response_mask[s] for s in micro]
+            kept_count = TokenSelector(strategy, ratio, "microbatch", "current").num_kept(responses)
+            denoms = loss_denominators(responses, kept_count)
             loss = 0.0
             for s, (logp, ent, _), kept in zip(micro, outs, masks):
                 inp = PolicyLossInput(logp, logp.detach(), batch.advantages[s], ro.response_mask[s], kept, ent)

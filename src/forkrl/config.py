@@ -26,7 +26,7 @@ from forkrl.algo.advantages import ADVANTAGE_ESTIMATORS
 from forkrl.algo.losses import NORMALIZERS, POLICY_LOSSES, LossConfig
 from forkrl.algo.selection import ENTROPY_SOURCES, SCOPES
 from forkrl.errors import ConfigError
-from forkrl.ops.selection import STRATEGIES
+from forkrl.ops.token_ranking import STRATEGIES
 
 
 def _check_span(s) -> None:
@@ -35,9 +35,12 @@ def _check_span(s) -> None:
 
     if s.region not in REGIONS:
         raise ConfigError(f"selection.region = {s.region!r}: expected one of {', '.join(REGIONS)}")
-    if s.strategy == "span" and s.region == "outside_span":
-        raise ConfigError("selection.region = 'outside_span': strategy 'span' keeps the span itself; use all or span")
-    narrowed = s.strategy == "span" or s.region != "all"
+    implied = STRATEGIES[s.strategy].region  # the strategy was checked before
+    if implied is not None and s.region not in ("all", implied):
+        raise ConfigError(
+            f"selection.region = {s.region!r}: strategy {s.strategy!r} keeps the {implied} itself; use all or {implied}"
+        )
+    narrowed = implied is not None or s.region != "all"
     if narrowed and not s.span_pattern:
         raise ConfigError(
             f"selection.span_pattern is not set: selection.strategy = {s.strategy!r} with region {s.region!r} "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -25,6 +26,7 @@ from typing import Any
 from forkrl.errors import UserError, os_reason
 
 __all__ = [
+    "atomic_dir",
     "atomic_path",
     "atomic_write_json",
     "atomic_write_text",
@@ -58,6 +60,56 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, tag: str | None = None, durable: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary directory beside `path` to write into; on success it takes `path`'s
+    place (a directory already there is moved aside, then deleted), else it is deleted.
+
+    tag: the temporary directories are `.tmp-NAME-TAG` and `.tmp-replaced-NAME-TAG` (checkpoints
+        tag them with host and process, so that an abandoned one can be told apart); None: unique
+        names.
+    durable: flush the files and the directory entries to disk (`fsync`), so that the rename
+        survives a crash of the machine.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if tag is None:
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".tmp-{path.name}-"))
+    else:
+        tmp = path.parent / f".tmp-{path.name}-{tag}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    try:
+        yield tmp
+        if durable:
+            _fsync_dir(tmp)
+        if path.exists():  # a directory cannot be renamed over a non-empty one: move it aside first
+            old = path.parent / f".tmp-replaced-{path.name}-{tag or tmp.name}"
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if durable:
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Flush the files directly in `path` and its directory entry."""
+    for child in path.iterdir():
+        if child.is_file():
+            with open(child, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_once(path: str | os.PathLike, write: Callable[[Path], Path], mismatch: str) -> Path:

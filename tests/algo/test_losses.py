@@ -13,8 +13,9 @@ from forkrl.algo.losses import (
     compute_policy_loss,
     loss_denominators,
 )
+from forkrl.algo.selection import TokenSelector
 from forkrl.metrics import MetricSums
-from forkrl.ops.selection import select_tokens
+from forkrl.ops.token_ranking import select_tokens
 from tests.dist_utils import run_distributed
 
 
@@ -214,7 +215,8 @@ def _grad_over_micro_batches(data, cfg, sizes, strategy, ratio):
     logprobs = data["logprobs"].clone().requires_grad_(True)
     bounds = torch.tensor([0, *sizes]).cumsum(0).tolist()
     slices = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-    denoms = loss_denominators([data["mask"][s] for s in slices], strategy, ratio, "batch")
+    masks = [data["mask"][s] for s in slices]
+    denoms = loss_denominators(masks, TokenSelector(strategy, ratio, "batch", "current").num_kept(masks))
     kept = select_tokens(data["entropy"], data["mask"], strategy, ratio).mask
     for s in slices:
         inp = PolicyLossInput(logprobs[s], data["old"][s], data["adv"][s], data["mask"][s], kept_mask=kept[s])
@@ -244,11 +246,11 @@ def test_microbatch_scope_counts_kept_per_micro_batch():
     # Two micro-batches of 3 and 7 valid tokens at ρ = 0.2: ⌈0.6⌉ + ⌈1.4⌉ = 1 + 2 = 3 kept,
     # while one batch-scope selection over 10 tokens keeps ⌈2.0⌉ = 2.
     masks = [torch.tensor([[1, 1, 1, 0]]), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])]
-    assert loss_denominators(masks, "top", 0.2, "microbatch").num_kept == 3
-    d = loss_denominators(masks, "top", 0.2, "batch")
+    assert TokenSelector("top", 0.2, "microbatch", "current").num_kept(masks) == 3
+    d = loss_denominators(masks, TokenSelector("top", 0.2, "batch", "current").num_kept(masks))
     assert (d.num_kept, d.num_tokens, d.num_sequences) == (2, 10, 3)
-    with pytest.raises(ValueError, match="unknown selection scope"):
-        loss_denominators(masks, "top", 0.2, "device")
+    with pytest.raises(ValueError, match="unknown selection scope 'device'; registered: "):
+        TokenSelector("top", 0.2, "device", "current")
 
 
 def _policy_grad_on_rank(rank, world_size, data, normalizer, scope):
@@ -262,7 +264,7 @@ def _policy_grad_on_rank(rank, world_size, data, normalizer, scope):
     logprobs = torch.log_softmax(theta, dim=0)[ids]
     kept = select_tokens(ent, mask, "top", 0.3, group=group if scope == "global" else None).mask
     cfg = LossConfig(normalizer=normalizer, normalizer_constant=6.0)
-    denoms = loss_denominators([mask], "top", 0.3, scope, group=group)
+    denoms = loss_denominators([mask], TokenSelector("top", 0.3, scope, "current", group).num_kept([mask]), group)
     inp = PolicyLossInput(logprobs, logprobs.detach() + 0.05, data["adv"][rows], mask, kept_mask=kept)
     compute_policy_loss(inp, cfg, denoms).loss.backward()
     grad = theta.grad.clone()

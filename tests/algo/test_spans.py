@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from forkrl.algo.losses import loss_denominators
+from forkrl.algo.selection import TokenSelector
 from forkrl.algo.spans import span_token_mask, token_char_offsets
 from forkrl.models.tiny import DEFAULT_VOCAB, build_tiny_tokenizer
 
@@ -82,7 +83,7 @@ def test_a_token_straddling_the_span_edge_is_inside(tokenizer):
 def test_the_normalizer_counts_the_region(strategy, ratio, scope):
     response = [torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]]), torch.tensor([[1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])]
     region = [torch.tensor([[0, 1, 1, 0, 0], [0, 0, 1, 0, 0]]), torch.tensor([[1, 1, 1, 0, 0], [0, 0, 0, 0, 0]])]
-    d = loss_denominators(response, strategy, ratio, scope, candidate_masks=region)
+    d = loss_denominators(response, TokenSelector(strategy, ratio, scope, "current").num_kept(region))
     assert d.num_tokens == 13 and d.num_sequences == 4  # the responses, for the other normalizers
     region_counts = [3, 3]
     if scope == "microbatch":

@@ -14,7 +14,6 @@ from forkrl.analysis.calibration import (
     CalibrationInputError,
     brier_score,
     calibration_bins,
-    calibration_command,
     calibration_summary,
     expected_calibration_error,
     load_forecasts,
@@ -132,6 +131,8 @@ def test_run_calibration_writes_figures(tmp_path):
 
 
 def test_command_prints_the_summary_and_reports_errors_in_one_line(tmp_path):
+    from forkrl.analysis.cli import calibration_command
+
     app = typer.Typer()
     app.command("calibration")(calibration_command)
     app.command("other")(lambda: None)  # two commands: typer then expects the command name

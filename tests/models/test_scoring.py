@@ -65,7 +65,7 @@ def make_batch(prompt_lens, group_sizes, response_lens, pad_id, seed=0):
 def score_with_grads(model, batch, share_prompt):
     """`(logprobs, entropy, {name: grad})` of a loss that uses both outputs."""
     model.zero_grad(set_to_none=True)
-    logprobs, entropy = score_responses(model, *batch, TEMPERATURE, share_prompt=share_prompt)
+    logprobs, entropy, _ = score_responses(model, *batch, TEMPERATURE, share_prompt=share_prompt)
     (logprobs.sum() + 0.5 * entropy.sum()).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     return logprobs.detach(), entropy.detach(), grads
@@ -248,7 +248,7 @@ def test_plain_path_packs_rows_and_runs_without_a_mask(tok):
         torch.cat([response_mask, torch.zeros((len(prompt_ids), 4), dtype=torch.long)], 1),
     )
     with torch.no_grad():
-        wide_lp, wide_ent = score_responses(model, *wider, TEMPERATURE, share_prompt=False)
+        wide_lp, wide_ent, _ = score_responses(model, *wider, TEMPERATURE, share_prompt=False)
     torch.testing.assert_close(wide_lp[:, : lp.shape[1]], lp, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(wide_ent[:, : ent.shape[1]], ent, rtol=1e-10, atol=1e-10)
     assert not wide_lp[:, lp.shape[1] :].any()

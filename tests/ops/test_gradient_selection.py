@@ -13,7 +13,7 @@ from forkrl.models import build_tiny_model, build_tiny_tokenizer
 from forkrl.models.loading import forward_hidden_states
 from forkrl.models.scoring import score_responses
 from forkrl.ops.logprobs import fused_linear_logprobs_and_entropy, token_logprobs_and_entropy
-from forkrl.ops.selection import num_selected, select_tokens
+from forkrl.ops.token_ranking import num_selected, select_tokens
 
 F64 = torch.float64
 

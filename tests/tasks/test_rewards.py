@@ -69,7 +69,7 @@ def test_load_by_import_path_and_file(reward_module):
         ("my_rewards_mod:missing", "has no attribute 'missing'"),
         ("my_rewards_mod:NOT_CALLABLE", "'NOT_CALLABLE' is a int, not callable"),
         ("/no/such/file.py:fn", "file '/no/such/file.py' not found"),
-        ("nonsense", "unknown reward 'nonsense': not a registered name"),
+        ("nonsense", r"unknown reward 'nonsense'; registered: \[.*'math'\] \(or an import path"),
     ],
 )
 def test_load_errors(reward_module, spec, message):
@@ -77,15 +77,17 @@ def test_load_errors(reward_module, spec, message):
         load_reward_fn(spec)
 
 
-def test_registry(monkeypatch):
-    monkeypatch.setattr("forkrl.tasks.rewards.REWARD_FUNCTIONS", dict(REWARD_FUNCTIONS))
+def test_registry():
     assert isinstance(load_reward_fn("math"), MathReward)
 
     @register_reward("always_one")
     def always_one(completion, example):
         return 1.0
 
-    assert load_reward_fn("always_one") is always_one
+    try:
+        assert load_reward_fn("always_one") is always_one
+    finally:
+        del REWARD_FUNCTIONS["always_one"]
 
 
 # ---------------------------------------------------------------------------- scoring

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from forkrl.algo import selection as selection_part
-from forkrl.ops import selection
+from forkrl.ops import token_ranking as selection
 from forkrl.train.trainer import run_training
 from tests.ops.test_gradient_selection import brute_force_gradient_mask
 from tests.train.conftest import tiny_overrides

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from forkrl.algo.selection import SCOPES
 from forkrl.config import ConfigError, load_config
 from forkrl.models.scoring import ResponseScorer
-from forkrl.ops.selection import STRATEGIES, register_strategy
+from forkrl.ops.token_ranking import STRATEGIES, register_strategy
 from forkrl.rollout.hf import HFGenerationBackend
 from forkrl.rollout.registry import BACKENDS, BackendCapabilities, register_backend
 from forkrl.train.trainer import Trainer, run_training
@@ -22,7 +22,7 @@ def earliest_strategy():
     """`earliest`: keep the ⌈ρN⌉ earliest response tokens in row-major order (needs no scores)."""
     calls = []
 
-    @register_strategy("earliest", needs=None)
+    @register_strategy("earliest", ranks_by=None)
     def earliest(values, valid, k, scope, generator):
         calls.append(int(valid.sum()))
         flat = valid.flatten()

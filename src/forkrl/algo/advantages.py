@@ -11,18 +11,15 @@ from dataclasses import dataclass
 
 import torch
 
+from forkrl.registry import Registry
+
 AdvantageFn = Callable[[torch.Tensor, float], torch.Tensor]
-ADVANTAGE_ESTIMATORS: dict[str, AdvantageFn] = {}
+ADVANTAGE_ESTIMATORS: Registry[AdvantageFn] = Registry("advantage estimator")
 
 
 def register_advantage(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
     """Register `fn(rewards [num_groups, G], std_eps) -> advantages [num_groups, G]` under `name`."""
-
-    def decorator(fn: AdvantageFn) -> AdvantageFn:
-        ADVANTAGE_ESTIMATORS[name] = fn
-        return fn
-
-    return decorator
+    return ADVANTAGE_ESTIMATORS.register(name)
 
 
 @register_advantage("grpo")
@@ -66,8 +63,7 @@ def compute_advantages(
 
     Responses of one prompt must be contiguous: rewards[i*G:(i+1)*G] belong to prompt i.
     """
-    if estimator not in ADVANTAGE_ESTIMATORS:
-        raise ValueError(f"unknown advantage estimator {estimator!r}; expected one of {sorted(ADVANTAGE_ESTIMATORS)}")
+    estimate = ADVANTAGE_ESTIMATORS.get(estimator)
     if group_size < 2:
         raise ValueError(f"group_size must be >= 2 for group-relative advantages, got {group_size}")
     if rewards.dim() != 1 or rewards.numel() % group_size != 0:
@@ -77,7 +73,7 @@ def compute_advantages(
         )
     grouped = rewards.to(torch.float32).view(-1, group_size)
     zero_variance = (grouped == grouped[:, :1]).all(dim=1)
-    advantages = ADVANTAGE_ESTIMATORS[estimator](grouped, std_eps)
+    advantages = estimate(grouped, std_eps)
     # Exactly zero (not ~1e-9 from rounding) so the "no signal" groups are unambiguous.
     advantages = advantages.masked_fill(zero_variance[:, None], 0.0)
     return GroupAdvantages(advantages=advantages.reshape(-1), zero_variance=zero_variance)

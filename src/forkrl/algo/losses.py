@@ -21,6 +21,7 @@ import torch
 from forkrl.distributed import all_reduce_sum, world_size
 from forkrl.metrics import MetricTerms
 from forkrl.ops.covariance import rank_descending, token_covariance
+from forkrl.registry import Registry
 
 
 @dataclass
@@ -64,10 +65,8 @@ class LossConfig:
     """C of `tis` / `mis` (> 1)."""
 
     def __post_init__(self) -> None:
-        if self.policy_loss not in POLICY_LOSSES:
-            raise ValueError(f"unknown policy_loss {self.policy_loss!r}; expected one of {sorted(POLICY_LOSSES)}")
-        if self.normalizer not in NORMALIZERS:
-            raise ValueError(f"unknown normalizer {self.normalizer!r}; expected one of {sorted(NORMALIZERS)}")
+        POLICY_LOSSES.get(self.policy_loss)
+        NORMALIZERS.get(self.normalizer)
         if self.normalizer == "constant" and not (self.normalizer_constant and self.normalizer_constant > 0):
             raise ValueError("normalizer 'constant' needs normalizer_constant > 0 (e.g. the max response length)")
         if self.eps_low < 0 or self.eps_high < 0:
@@ -123,40 +122,14 @@ class LossDenominators:
     multiplied by this to turn that average back into the sum the denominators assume."""
 
 
-def loss_denominators(
-    micro_batch_masks: Sequence[torch.Tensor],
-    strategy: str = "all",
-    ratio: float = 1.0,
-    scope: str = "batch",
-    group=None,
-    candidate_masks: Sequence[torch.Tensor] | None = None,
-) -> LossDenominators:
-    """Denominators for one optimizer step from the response masks of its micro-batches on this rank.
-
-    The kept count follows the selection scope (`forkrl.algo.selection.SCOPES`): `microbatch`
-    selects ⌈ρ·N_mb⌉ in every micro-batch, `batch` ⌈ρ·N⌉ over this rank's step batch, `global`
-    ⌈ρ·N⌉ over all ranks. N counts the tokens the strategy may pick: `candidate_masks` when the
-    selection is narrowed to a region of the responses (`selection.region`), else the responses.
-    """
-    from forkrl.algo.selection import get_scope
-
-    rule = get_scope(scope)
-    candidates = micro_batch_masks if candidate_masks is None else candidate_masks
+def loss_denominators(micro_batch_masks: Sequence[torch.Tensor], num_kept: float, group=None) -> LossDenominators:
+    """Denominators for one optimizer step from the response masks of its micro-batches on this rank
+    and the step's kept count over all processes (`forkrl.algo.selection.MiniBatchSelection.num_kept`)."""
     # One host copy for all micro-batches (this runs once per optimizer step, not per micro-batch).
-    stats = torch.stack(
-        [torch.stack([m.sum(), (m.sum(dim=-1) > 0).sum(), c.sum()]) for m, c in zip(micro_batch_masks, candidates)]
-    ).to(torch.float64)
-    per_mb = stats.cpu().tolist()
-    per_mb_tokens = [int(row[0]) for row in per_mb]
-    per_mb_candidates = [int(row[2]) for row in per_mb]
-    kept = rule.local_kept(per_mb_candidates, strategy, ratio)
-    totals = torch.tensor(
-        [float(sum(per_mb_tokens)), float(stats[:, 1].sum()), float(kept), float(sum(per_mb_candidates))],
-        dtype=torch.float64,
-    )
+    stats = torch.stack([torch.stack([m.sum(), (m.sum(dim=-1) > 0).sum()]) for m in micro_batch_masks])
+    totals = stats.to(torch.float64).sum(dim=0)
     all_reduce_sum(totals, group)
-    num_tokens, num_sequences, num_kept, num_candidates = totals.tolist()
-    num_kept = rule.total_kept(num_kept, int(num_candidates), strategy, ratio)
+    num_tokens, num_sequences = totals.tolist()
     return LossDenominators(
         num_tokens=num_tokens, num_kept=num_kept, num_sequences=num_sequences, dp_world_size=world_size(group)
     )
@@ -168,15 +141,12 @@ def loss_denominators(
 # tokens for the regularizers); `n_weighted` is its whole-batch count.
 
 NormalizerFn = Callable[[torch.Tensor, torch.Tensor, LossDenominators, float, LossConfig], torch.Tensor]
-NORMALIZERS: dict[str, NormalizerFn] = {}
+NORMALIZERS: Registry[NormalizerFn] = Registry("normalizer")
 
 
 def register_normalizer(name: str) -> Callable[[NormalizerFn], NormalizerFn]:
-    def decorator(fn: NormalizerFn) -> NormalizerFn:
-        NORMALIZERS[name] = fn
-        return fn
-
-    return decorator
+    """Register `fn(weights, response_mask, denominators, n_weighted, cfg) -> c [B, T]` under `name`."""
+    return NORMALIZERS.register(name)
 
 
 @register_normalizer("kept-tokens")
@@ -234,17 +204,12 @@ class TokenLoss:
 
 
 PolicyLossFn = Callable[[PolicyLossInput, torch.Tensor, LossConfig, "torch.Generator | None"], TokenLoss]
-POLICY_LOSSES: dict[str, PolicyLossFn] = {}
+POLICY_LOSSES: Registry[PolicyLossFn] = Registry("policy_loss")
 
 
 def register_policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
     """Register `fn(inputs, advantages [B, T], cfg, generator) -> TokenLoss` under `name`."""
-
-    def decorator(fn: PolicyLossFn) -> PolicyLossFn:
-        POLICY_LOSSES[name] = fn
-        return fn
-
-    return decorator
+    return POLICY_LOSSES.register(name)
 
 
 def _clipped_surrogate(log_ratio: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, cfg: LossConfig):

@@ -30,14 +30,17 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from forkrl.ops.token_ranking import STRATEGIES
+
 REGIONS = ("all", "span", "outside_span")
 
 
 def selection_region(selection) -> str | None:
     """The region a `SelectionConfig` narrows the selection to: `span`, `outside_span`, or None
-    for every response token (`strategy=span` implies `span`)."""
-    if selection.strategy == "span":
-        return "span"
+    for every response token (a strategy registered with a `region`, e.g. `span`, implies it)."""
+    implied = STRATEGIES.get(selection.strategy).region
+    if implied is not None:
+        return implied
     return None if selection.region == "all" else selection.region
 
 

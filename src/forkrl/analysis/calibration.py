@@ -44,7 +44,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import typer
 
 from forkrl.errors import UserError
 from forkrl.io import atomic_write_json, pyplot, save_figure
@@ -59,7 +58,6 @@ __all__ = [
     "MurphyDecomposition",
     "brier_score",
     "calibration_bins",
-    "calibration_command",
     "calibration_summary",
     "expected_calibration_error",
     "load_forecasts",
@@ -362,18 +360,3 @@ def run_calibration(
         sharpness_histogram(out / "sharpness.png", {label: data.p})
         summary["written"] = [str(out / n) for n in ("calibration.json", "reliability.png", "sharpness.png")]
     return {k: v for k, v in summary.items() if k not in ("table", "table_true")}
-
-
-def calibration_command(
-    file: str = typer.Argument(..., help="Forecasts jsonl: outcome (0/1), p or completion/text, optional true_p."),
-    out: str = typer.Option(None, "--out", help="Directory for calibration.json, reliability.png, sharpness.png."),
-    bins: int = typer.Option(10, "--bins", help="Equal-width bins (0: one bin per distinct forecast value)."),
-    outcome_key: str = typer.Option("outcome", "--outcome-key", help="Field with the 0/1 outcome."),
-    forecast_key: str = typer.Option("p", "--forecast-key", help="Field with a numeric forecast (read first)."),
-    text_key: str = typer.Option(None, "--text-key", help="Field with the response text (default: completion, text)."),
-    true_key: str = typer.Option("true_p", "--true-key", help="Field with the true probability, when known."),
-) -> None:
-    """Calibration of stored forecasts: ECE, Brier with its Murphy decomposition, reliability diagram, sharpness."""
-    from forkrl.analysis.cli import _run
-
-    _run(run_calibration, file, out, bins, outcome_key, forecast_key, text_key, true_key, fresh=out)

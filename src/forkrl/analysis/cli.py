@@ -234,9 +234,20 @@ def compare(
     _run(run_compare, run_dirs, out, smooth=smooth, accuracy_key=accuracy, fresh=out)
 
 
-from forkrl.analysis.calibration import calibration_command  # noqa: E402  (import-light: no torch)
-
-app.command(
+@app.command(
     "calibration",
     epilog="Example: forkrl analyze calibration runs/demo_forecast/forecasts_after.jsonl --out cal/",
-)(calibration_command)
+)
+def calibration_command(
+    file: str = typer.Argument(..., help="Forecasts jsonl: outcome (0/1), p or completion/text, optional true_p."),
+    out: str = typer.Option(None, "--out", help="Directory for calibration.json, reliability.png, sharpness.png."),
+    bins: int = typer.Option(10, "--bins", help="Equal-width bins (0: one bin per distinct forecast value)."),
+    outcome_key: str = typer.Option("outcome", "--outcome-key", help="Field with the 0/1 outcome."),
+    forecast_key: str = typer.Option("p", "--forecast-key", help="Field with a numeric forecast (read first)."),
+    text_key: str = typer.Option(None, "--text-key", help="Field with the response text (default: completion, text)."),
+    true_key: str = typer.Option("true_p", "--true-key", help="Field with the true probability, when known."),
+) -> None:
+    """Calibration of stored forecasts: ECE, Brier with its Murphy decomposition, reliability diagram, sharpness."""
+    from forkrl.analysis.calibration import run_calibration
+
+    _run(run_calibration, file, out, bins, outcome_key, forecast_key, text_key, true_key, fresh=out)

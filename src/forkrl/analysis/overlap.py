@@ -7,7 +7,7 @@ store and report the overlap with the first and with the last checkpoint:
     overlap(A, B) = |top(A) ∩ top(B)| / |top(A)|
 
 top() keeps exactly k = ⌈ρ·N⌉ positions of N (both sets have the same size, so the ratio is
-symmetric), chosen by `forkrl.ops.selection.select_tokens` on the flattened store — the same
+symmetric), chosen by `forkrl.ops.token_ranking.select_tokens` on the flattened store — the same
 selection, tie rule (earlier position wins) and k as the training loss. The paper (Qwen3-14B,
 responses of the final RLVR model): overlap with the base model still >= 86% after 1360 steps.
 """
@@ -24,7 +24,7 @@ import torch
 
 from forkrl.analysis.store import RolloutStore
 from forkrl.io import atomic_write_json, atomic_write_text, pyplot, save_figure
-from forkrl.ops.selection import num_selected, select_tokens
+from forkrl.ops.token_ranking import num_selected, select_tokens
 
 __all__ = ["overlap_ratio", "run_overlap", "top_entropy_mask"]
 

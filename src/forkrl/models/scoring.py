@@ -23,7 +23,7 @@ at least 10% cheaper (`PLAIN_MARGIN`), and shares elsewhere.
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -42,6 +42,26 @@ the demo's shapes, 12-token prompts and <= 256 tokens, 1.04-1.07 vs 1.00-1.03). 
 two paths take the same time, and sharing, the path used before the estimate existed, is kept."""
 
 
+class ResponseScores(NamedTuple):
+    """Per-token scores of responses under a model, `[B, R]` float32 each, 0 at padding."""
+
+    logprobs: torch.Tensor
+    """log π(o_t | q, o_<t) of the sampled tokens (differentiable when grad is enabled)."""
+    entropy: torch.Tensor
+    """H_t of softmax(z_t / T) (paper Eq. 1)."""
+    grad_norm: torch.Tensor | None = None
+    """‖∂ log π(o_t)/∂z_t‖₂ (no grad), only when asked for (`return_grad_norm`), else None."""
+
+    def rows(self, s: slice) -> ResponseScores:
+        """The scores of rows `s`."""
+        return ResponseScores(*(None if t is None else t[s] for t in self))
+
+    @staticmethod
+    def cat(parts: list[ResponseScores]) -> ResponseScores:
+        """Row blocks (e.g. micro-batches) concatenated along the rows."""
+        return ResponseScores(*(None if ts[0] is None else torch.cat(ts) for ts in zip(*parts)))
+
+
 def score_responses(
     model: torch.nn.Module,
     prompt_ids: torch.Tensor,
@@ -52,7 +72,7 @@ def score_responses(
     chunk_size: int | None = None,
     share_prompt: bool | Literal["auto"] = "auto",
     return_grad_norm: bool = False,
-) -> tuple[torch.Tensor, ...]:
+) -> ResponseScores:
     """log π(o_t | q, o_<t) and entropy H_t of softmax(z_t / T) for every response token.
 
     Args:
@@ -74,8 +94,9 @@ def score_responses(
             ranking of the `gradient` selection strategy, from the same fused LM-head pass.
 
     Returns:
-        logprobs `[B, R]` and entropy `[B, R]` in float32, 0 at padding; differentiable w.r.t.
-        the model's parameters when grad is enabled. With `return_grad_norm`, a third tensor.
+        `ResponseScores`: logprobs `[B, R]` and entropy `[B, R]` in float32, 0 at padding,
+        differentiable w.r.t. the model's parameters when grad is enabled; `grad_norm` with
+        `return_grad_norm`, else None.
     """
     hidden = None
     if share_prompt and response_ids.shape[1] > 0:
@@ -96,7 +117,7 @@ def score_responses(
         return_grad_norm=return_grad_norm,
     )  # (N_valid,) each: logprobs, entropy[, grad_norm]
     zeros = torch.zeros(response_ids.shape, dtype=outputs[0].dtype, device=response_ids.device)
-    return tuple(zeros.masked_scatter(valid, values) for values in outputs)
+    return ResponseScores(*(zeros.masked_scatter(valid, values) for values in outputs))
 
 
 def _packed_hidden_states(

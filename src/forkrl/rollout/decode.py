@@ -140,63 +140,71 @@ def decode_tokens(
 
     # The first call runs what the cache lacks of `input_ids` (the prompts' last tokens after a
     # shared-prompt prefill, all of them otherwise); then one token per row and step.
-    logits = _next_token_logits(
-        model(
-            input_ids=input_ids[:, past:].contiguous(),
-            attention_mask=attention_mask,
-            position_ids=position_ids[:, past:].contiguous(),
-            use_cache=True,
-            return_dict=True,
-            **forward_kwargs,
-        )
-    )
+    logits = _forward(model, input_ids[:, past:], attention_mask, position_ids[:, past:], forward_kwargs)
     position_ids = position_ids[:, -1:]
-    eos_in_vocab = noise = None
+    noise = None if row_seeds is None else SeededNoise(row_seeds, logits.shape[1], first_step + max_new_tokens)
     steps = 0
     for t in range(max_new_tokens):
         step = first_step + t
         scores = logits
         if step < min_new_tokens:
-            if eos_in_vocab is None:
-                eos_in_vocab = torch.isin(torch.arange(scores.shape[1], device=device), eos_ids)  # [V]
+            eos_in_vocab = torch.isin(torch.arange(scores.shape[1], device=device), eos_ids)  # [V]
             scores = torch.where(eos_in_vocab, -torch.inf, scores)
-        for transform in tempering:
-            scores = transform(None, scores)
-        entropy[:, t] = entropy_of_logits(scores)
-        for transform in truncation:
-            scores = transform(None, scores)
-        log_normalizer = scores.logsumexp(-1)  # [B]
-        if row_seeds is not None:
-            if noise is None:
-                noise = SeededNoise(row_seeds, scores.shape[1], first_step + max_new_tokens)
-            chosen = (noise.at(step) + scores).argmax(-1)
-        else:
-            chosen = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-        # As generate: rows that have ended get the pad token (and their statistics are masked later).
-        chosen = chosen * unfinished + pad_token_id * (1 - unfinished)
+        chosen, logprobs[:, t], entropy[:, t] = _draw(
+            scores, step, tempering, truncation, noise, unfinished, pad_token_id
+        )
         tokens[:, t] = chosen
-        logprobs[:, t] = scores.gather(1, chosen.unsqueeze(1)).squeeze(1) - log_normalizer
         unfinished = unfinished & ~torch.isin(chosen, eos_ids)
         steps = t + 1
         if steps == max_new_tokens or (steps % check_every == 0 and not bool(unfinished.any())):
             break
         position_ids = position_ids + 1
-        logits = _next_token_logits(
-            model(
-                input_ids=chosen.unsqueeze(1),
-                attention_mask=mask[:, : T + steps],
-                position_ids=position_ids,
-                use_cache=True,
-                return_dict=True,
-                **forward_kwargs,
-            )
-        )
+        logits = _forward(model, chosen.unsqueeze(1), mask[:, : T + steps], position_ids, forward_kwargs)
 
     # Steps run after every row had ended (accelerators check every few steps) are not generate's.
     ended = torch.isin(tokens[:, :steps], eos_ids)
     if check_every > 1 and bool(ended.any(-1).all()):
         steps = int(ended.long().argmax(-1).max()) + 1
     return tokens[:, :steps], logprobs[:, :steps], entropy[:, :steps]
+
+
+def _draw(
+    scores: torch.Tensor,
+    step: int,
+    tempering: Sequence[ScoresTransform],
+    truncation: Sequence[ScoresTransform],
+    noise: SeededNoise | None,
+    unfinished: torch.Tensor,
+    pad_token_id: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step's draw from the scores `[B, V]`: (token `[B]`, its log-prob `[B]` under the
+    distribution sampled, the entropy `[B]` after `tempering`). Rows no longer `unfinished` get the
+    pad token, as in `generate` (their statistics are masked later)."""
+    for transform in tempering:
+        scores = transform(None, scores)
+    entropy = entropy_of_logits(scores)
+    for transform in truncation:
+        scores = transform(None, scores)
+    log_normalizer = scores.logsumexp(-1)  # [B]
+    if noise is not None:
+        chosen = (noise.at(step) + scores).argmax(-1)
+    else:
+        chosen = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+    chosen = chosen * unfinished + pad_token_id * (1 - unfinished)
+    return chosen, scores.gather(1, chosen.unsqueeze(1)).squeeze(1) - log_normalizer, entropy
+
+
+def _forward(model, input_ids, attention_mask, position_ids, forward_kwargs: dict[str, Any]) -> torch.Tensor:
+    """One decoder call with the cache; the next-token logits `[B, V]`."""
+    outputs = model(
+        input_ids=input_ids.contiguous(),
+        attention_mask=attention_mask,
+        position_ids=position_ids.contiguous(),
+        use_cache=True,
+        return_dict=True,
+        **forward_kwargs,
+    )
+    return _next_token_logits(outputs)
 
 
 def _next_token_logits(outputs: Any) -> torch.Tensor:

@@ -30,13 +30,13 @@ other distribution than the trainer scores (other kernels or precision) declares
 from __future__ import annotations
 
 import contextlib
-import importlib
 import importlib.util
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 
+from forkrl.registry import Registry, import_attribute
 from forkrl.rollout.base import GenerationBackend
 
 
@@ -98,14 +98,14 @@ class RegisteredBackend:
     None: the backend takes no options, and any key is refused."""
 
 
-BACKENDS: dict[str, RegisteredBackend] = {}
+BACKENDS: Registry[RegisteredBackend] = Registry("rollout.backend", hint=" (or give module:factory)")
 
 
 def register_backend(name: str, capabilities: BackendCapabilities = BackendCapabilities()):
     """Decorator: register `factory(ctx: BackendContext) -> GenerationBackend` as `name`."""
 
     def add(factory):
-        BACKENDS[name] = RegisteredBackend(name, capabilities, factory)
+        BACKENDS.register(name, RegisteredBackend(name, capabilities, factory))
         return factory
 
     return add
@@ -116,14 +116,13 @@ def get_backend(name: str) -> RegisteredBackend:
     if name in BACKENDS:
         return BACKENDS[name]
     if ":" in name:
-        module, _, attr = name.partition(":")
         try:
-            factory = getattr(importlib.import_module(module), attr)
+            factory = import_attribute(name)
         except (ImportError, AttributeError) as err:
             raise ValueError(f"rollout.backend {name!r}: cannot import it ({err})") from err
         caps = getattr(factory, "capabilities", BackendCapabilities())
         return RegisteredBackend(name, caps, factory)
-    raise ValueError(f"unknown rollout.backend {name!r}; registered: {sorted(BACKENDS)} (or give module:factory)")
+    raise ValueError(BACKENDS.unknown(name))
 
 
 def build_backend(name: str, ctx: BackendContext) -> GenerationBackend:
@@ -173,10 +172,7 @@ def close_backend(backend: GenerationBackend) -> None:
 
 
 def _resolve(target):
-    if isinstance(target, str):
-        module, _, attr = target.partition(":")
-        return getattr(importlib.import_module(module), attr)
-    return target
+    return import_attribute(target) if isinstance(target, str) else target
 
 
 def option_problems(name: str, options: dict) -> list[str]:

@@ -42,4 +42,5 @@ __all__ = [
     "render_prompt",
     "score_batch",
 ]
-from forkrl.tasks import countdown  # noqa: F401  (registers the "countdown" reward and template)
+# Tasks register their prompt templates ("countdown", "forecast") and rewards when imported.
+from forkrl.tasks import countdown, forecast  # noqa: F401

@@ -29,12 +29,15 @@ import torch
 from forkrl.errors import UserError
 
 __all__ = [
+    "MISSING",
     "PAPER_TEMPLATE",
     "PROMPT_TEMPLATES",
     "PromptDataError",
     "PromptExample",
     "PromptSampler",
+    "get_field",
     "load_prompts",
+    "read_file_rows",
     "render_prompt",
 ]
 
@@ -117,7 +120,7 @@ def load_prompts(
         return []
     path = os.fspath(source)
     if os.path.isfile(path):
-        rows = _read_file_rows(path, limit)
+        rows = read_file_rows(path, limit)
     else:
         rows = _read_dataset_rows(path, split, limit)
 
@@ -130,7 +133,7 @@ def load_prompts(
     return examples
 
 
-def _read_file_rows(path: str, limit: int | None) -> list[tuple[str, dict]]:
+def read_file_rows(path: str, limit: int | None) -> list[tuple[str, dict]]:
     """Rows of a local file, each paired with a location string used in error messages."""
     if os.path.getsize(path) == 0:
         raise PromptDataError(f"{path}: file is empty")
@@ -242,11 +245,12 @@ def _require_object(row: Any, where: str) -> dict:
 
 # ---------------------------------------------------------------------------- fields
 
-_MISSING = object()
+MISSING = object()
+"""What `get_field` returns for a path a row does not have (a field may hold None)."""
 
 
-def _get_field(row: dict, key: str) -> Any:
-    """Follow a dotted path; numeric parts index lists. `_MISSING` when any step is absent."""
+def get_field(row: dict, key: str) -> Any:
+    """Follow a dotted path; numeric parts index lists. `MISSING` when any step is absent."""
     value: Any = row
     for part in key.split("."):
         if isinstance(value, dict) and part in value:
@@ -254,14 +258,14 @@ def _get_field(row: dict, key: str) -> Any:
         elif isinstance(value, list) and part.lstrip("-").isdigit() and -len(value) <= int(part) < len(value):
             value = value[int(part)]
         else:
-            return _MISSING
+            return MISSING
     return value
 
 
 def _field_or_error(row: dict, key: str, role: str, where: str) -> Any:
-    value = _get_field(row, key)
-    if value is _MISSING or value is None:
-        what = "has no" if value is _MISSING else "has a null"
+    value = get_field(row, key)
+    if value is MISSING or value is None:
+        what = "has no" if value is MISSING else "has a null"
         raise PromptDataError(
             f"{where}: row {what} {role} field {key!r} (its fields: {sorted(row)}); "
             f"pass {role}_key= to name the right one"

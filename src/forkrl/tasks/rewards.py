@@ -47,6 +47,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from forkrl.errors import UserError
+from forkrl.registry import Registry
 from forkrl.tasks.data import PromptExample
 from forkrl.tasks.math import DEFAULT_TIMEOUT_S, MathVerifier, get_default_verifier
 from forkrl.tasks.scores import RewardBatch
@@ -110,7 +111,9 @@ class MathReward:
         return self.verifier.score(completions, [e.answer for e in examples], timeout_s)
 
 
-REWARD_FUNCTIONS: dict[str, RewardFn] = {"math": MathReward()}
+REWARD_FUNCTIONS: Registry[RewardFn] = Registry(
+    "reward", hint=" (or an import path like 'package.module:function' or 'path/to/file.py:function')"
+)
 """Reward functions by name; `register_reward` adds to it."""
 
 
@@ -120,10 +123,19 @@ def register_reward(name: str, fn: RewardFn | None = None):
     def add(fn: RewardFn) -> RewardFn:
         if not callable(fn):
             raise TypeError(f"reward {name!r} must be callable, got {type(fn).__name__}")
-        REWARD_FUNCTIONS[name] = fn
-        return fn
+        return REWARD_FUNCTIONS.register(name, fn)
 
     return add if fn is None else add(fn)
+
+
+register_reward("math", MathReward())
+# The forecast rewards subclass `BatchReward`: named by import path, imported when first used.
+for _name in (
+    "forecast_brier", "forecast_log", "forecast_winrate", "forecast_winrate_pure", "forecast_winrate_b5",
+    "forecast_winrate_b20",
+):  # fmt: skip
+    REWARD_FUNCTIONS.register_lazy(_name, f"forkrl.tasks.forecast.scoring:{_name}")
+REWARD_FUNCTIONS.register_lazy("forecast_truth", "forkrl.tasks.forecast.scoring:truth_score")
 
 
 # ---------------------------------------------------------------------------- loading
@@ -137,13 +149,8 @@ def load_reward_fn(spec: str | RewardFn) -> RewardFn:
     """
     if callable(spec):
         return spec
-    if spec in REWARD_FUNCTIONS:
-        return REWARD_FUNCTIONS[spec]
-    if ":" not in spec:
-        raise ValueError(
-            f"unknown reward {spec!r}: not a registered name ({', '.join(sorted(REWARD_FUNCTIONS))}) "
-            "and not an import path like 'package.module:function' or 'path/to/file.py:function'"
-        )
+    if spec in REWARD_FUNCTIONS or ":" not in spec:
+        return REWARD_FUNCTIONS.get(spec)
     # rsplit: a Windows path ("C:\\x.py:fn") has a colon of its own
     module_part, attr_path = spec.rsplit(":", 1)
     if not module_part or not attr_path:
@@ -586,8 +593,3 @@ class BatchReward:
         )
         logger.warning("reward %r: %s", self.name, batch.first_failure)
         return batch
-
-
-# The forecast rewards ("forecast_brier", "forecast_log", "forecast_winrate", ...) register
-# themselves; imported last because they subclass `BatchReward`.
-from forkrl.tasks import forecast as _forecast  # noqa: E402, F401

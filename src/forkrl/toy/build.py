@@ -25,8 +25,6 @@ import logging
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
+from forkrl.io import atomic_dir
 from forkrl.models.tiny import build_tiny_model, build_tiny_tokenizer
 from forkrl.rollout.base import SamplingParams
 from forkrl.rollout.entropy_temperature import entropy_of_logits
@@ -377,30 +376,18 @@ def build_toy_model(
                 held_out = _encode(tokenizer, test_problems, test_traces)[: config.entropy_traces]
                 info["entropy"] = _choice_entropy(model, held_out, tokenizer.pad_token_id)
         info["total_seconds"] = time.perf_counter() - started
-        _write_atomically(out, model, tokenizer, info, overwrite)
+        write_model_dir(out, model, tokenizer, info)
     finally:
         torch.set_num_threads(previous_threads)
     return out
 
 
-def _write_atomically(out: Path, model, tokenizer, info: dict, overwrite: bool) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+def write_model_dir(out: Path, model, tokenizer, info: dict) -> None:
+    """The model directory, atomically: `save_pretrained` files plus `toy_build.json` (`info`)."""
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)  # safetensors
         tokenizer.save_pretrained(tmp)
         (tmp / BUILD_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        if out.exists() and overwrite:
-            # A directory cannot be renamed over a non-empty one: move the old one aside first.
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def toy_build_command(seed: int, out: str | os.PathLike, overwrite: bool = False, **overrides: Any) -> Path:

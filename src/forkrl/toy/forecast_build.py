@@ -43,7 +43,7 @@ from forkrl.tasks.forecast import (
     rows_to_examples,
     trace_is_correct,
 )
-from forkrl.toy.build import BUILD_INFO_FILE, TOY_CHAT_TEMPLATE, _Sequence, _train, _write_atomically
+from forkrl.toy.build import BUILD_INFO_FILE, TOY_CHAT_TEMPLATE, _Sequence, _train, write_model_dir
 
 __all__ = [
     "ForecastBuildConfig",
@@ -240,7 +240,7 @@ def build_forecast_model(
             logger.info("toy forecast build: held-out Brier %.4f, ECE vs truth %.3f",
                         info["eval"]["brier"], info["eval"]["ece_true"])  # fmt: skip
         info["total_seconds"] = time.perf_counter() - started
-        _write_atomically(out, model, tokenizer, info, overwrite)
+        write_model_dir(out, model, tokenizer, info)
     finally:
         torch.set_num_threads(previous_threads)
     return out

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from forkrl.errors import UserError, one_line
+from forkrl.io import atomic_dir
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TMP_DIR = re.compile(r"^\.tmp-(?:replaced-)?step_\d+-(?P<host>.+)-(?P<pid>\d+)$")
@@ -127,40 +128,30 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_tmp_dirs(root)
     tag = f"{socket.gethostname()}-{os.getpid()}"
-    tmp = root / f".tmp-{final.name}-{tag}"
     try:
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=model_state)
-        tokenizer.save_pretrained(tmp)
-        if extra is not None:
-            extra(tmp)
-        state = {
-            "step": step,
-            "optimizer": optimizer if isinstance(optimizer, dict) else optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": capture_rng_state(),
-            "trainer": trainer_state,
-        }
-        # Through a Python file: a full disk is then OSError(ENOSPC), not torch's "unexpected pos".
-        with open(tmp / "trainer_state.pt", "wb") as f:
-            torch.save(state, f)
-        _fsync_dir(tmp)
-    except BaseException as err:
-        full = _out_of_space(err)
-        shutil.rmtree(tmp, ignore_errors=True)  # the earlier checkpoints were never touched
-        if full:
+        # re-saving the same step (e.g. the final save right after a periodic one) replaces it
+        with atomic_dir(final, tag=tag, durable=True) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=model_state)
+            tokenizer.save_pretrained(tmp)
+            if extra is not None:
+                extra(tmp)
+            state = {
+                "step": step,
+                "optimizer": optimizer if isinstance(optimizer, dict) else optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": capture_rng_state(),
+                "trainer": trainer_state,
+            }
+            # Through a Python file: a full disk is then OSError(ENOSPC), not torch's "unexpected pos".
+            with open(tmp / "trainer_state.pt", "wb") as f:
+                torch.save(state, f)
+    except BaseException as err:  # atomic_dir removed its temporary directory; earlier checkpoints are intact
+        if _out_of_space(err):
             raise CheckpointError(
                 f"checkpoint {final} not saved: no space left on device under {root} (the earlier checkpoints "
                 f"are intact); free some space, then continue with: forkrl train --resume {run_dir}"
             ) from None
         raise
-    if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
-        old = root / f".tmp-replaced-{final.name}-{tag}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
-    _fsync_dir(root)
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -346,16 +337,3 @@ def all_finite(tensors) -> bool:
     """Whether every tensor is free of NaN/inf (local shards of DTensors; one host sync)."""
     flags = [torch.isfinite(t.to_local() if hasattr(t, "to_local") else t).all() for t in tensors]
     return bool(torch.stack(flags).all()) if flags else True
-
-
-def _fsync_dir(path: Path) -> None:
-    """Flush file data and the directory entry so the rename is durable after a crash."""
-    for child in path.iterdir() if path.is_dir() else []:
-        if child.is_file():
-            with open(child, "rb") as f:
-                os.fsync(f.fileno())
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

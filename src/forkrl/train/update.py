@@ -23,9 +23,10 @@ from collections.abc import Callable
 import torch
 
 from forkrl.algo.losses import PolicyLossInput, compute_policy_loss, loss_denominators, mis_keep, mismatch_metrics
-from forkrl.algo.selection import TokenScores, TokenSelector
+from forkrl.algo.selection import TokenSelector
 from forkrl.config import Config
 from forkrl.metrics import MetricSums
+from forkrl.models.scoring import ResponseScores
 from forkrl.rollout.base import Rollout
 from forkrl.seeding import mix_seed
 from forkrl.train.collect import StepBatch
@@ -63,8 +64,8 @@ class PolicyUpdater:
         return [slice(i, min(i + mb, rows.stop)) for i in range(rows.start, rows.stop, mb)]
 
     @torch.no_grad()
-    def score(self, scorer, ro: Rollout, rows: range, grad_norm: bool = False) -> tuple[torch.Tensor, ...]:
-        """(logprobs, entropy[, grad_norm]) of `rows`, micro-batch by micro-batch, concatenated."""
+    def score(self, scorer, ro: Rollout, rows: range, grad_norm: bool = False) -> ResponseScores:
+        """The scores of `rows`, micro-batch by micro-batch, concatenated."""
         parts = []
         for s in self._micro_slices(rows):
             with self.models.autocast():
@@ -78,16 +79,14 @@ class PolicyUpdater:
                         return_grad_norm=grad_norm,
                     )  # fmt: skip
                 )
-        return tuple(torch.cat(outputs) for outputs in zip(*parts))
+        return ResponseScores.cat(parts)
 
-    def _old_policy(self, ro: Rollout, on_policy: bool):
-        """(old log-probs, old TokenScores) from one no-grad pass, or (None, None) on-policy."""
+    def _old_policy(self, ro: Rollout, on_policy: bool) -> tuple[torch.Tensor | None, ResponseScores | None]:
+        """(old log-probs, old scores) from one no-grad pass, or (None, None) on-policy."""
         if on_policy:
             return None, None
-        logp, ent, *gn = self.score(
-            self.models.policy_scorer, ro, range(ro.batch_size), self.selector.needs_old_grad_norm()
-        )
-        return logp, TokenScores(ent, gn[0] if gn else None)
+        old = self.score(self.models.policy_scorer, ro, range(ro.batch_size), self.selector.old_pass_grad_norm)
+        return old.logprobs, old
 
     # ------------------------------------------------------------------ the updates
 
@@ -104,7 +103,7 @@ class PolicyUpdater:
         old_logp, old = self._old_policy(ro, on_policy)
         ref_logp = None
         if self.models.ref_scorer is not None:
-            ref_logp, _ = self.score(self.models.ref_scorer, ro, range(ro.batch_size))
+            ref_logp = self.score(self.models.ref_scorer, ro, range(ro.batch_size)).logprobs
         timings["old_logprobs_s"] += time.perf_counter() - t0
         loss_mask = self._loss_mask(ro, old_logp, stats)
 
@@ -146,34 +145,28 @@ class PolicyUpdater:
         micro = self._micro_slices(rows)
         narrowed = batch.candidates is not None  # selection.region: a span of the text
         candidates = batch.candidates * loss_mask if narrowed else loss_mask
-        denoms = loss_denominators(
-            [loss_mask[s] for s in micro], cfg.selection.strategy, cfg.selection.ratio,
-            cfg.selection.scope, group=self.group, candidate_masks=[candidates[s] for s in micro],
-        )  # fmt: skip
-        mini_old = None if old is None else old.rows(slice(rows.start, rows.stop))
         selection = self.selector.for_mini_batch(
             candidates[rows.start : rows.stop],
-            mini_old,
-            weights_unchanged,
-            lambda: TokenScores(
-                *self.score(self.models.policy_scorer, ro, rows, self.selector.needs == "grad_norm")[1:]
-            ),
-            generator,
-            stats,
-            narrowed,
+            [slice(s.start - rows.start, s.stop - rows.start) for s in micro],
+            None if old is None else old.rows(slice(rows.start, rows.stop)),
+            old_is_current=weights_unchanged,
+            score_current=lambda grad_norm: self.score(self.models.policy_scorer, ro, rows, grad_norm),
+            generator=generator,
+            stats=stats,
+            narrowed=narrowed,
         )
-        with_gn = self.selector.forward_returns_grad_norm(old is not None)
+        denoms = loss_denominators([loss_mask[s] for s in micro], selection.num_kept, group=self.group)
         entropies = []
         for i, s in enumerate(micro):
             # Gradients are reduced across processes only on the last micro-batch of the mini-batch.
             with self._gradient_sync(i == len(micro) - 1):
                 with self.models.autocast():
-                    logp, ent, *gn = self.models.scorer(
+                    current = self.models.scorer(
                         ro.prompt_ids[s], ro.prompt_mask[s], ro.response_ids[s], ro.response_mask[s],
-                        cfg.rollout.temperature, return_grad_norm=with_gn,
+                        cfg.rollout.temperature, return_grad_norm=selection.forward_grad_norm,
                     )  # fmt: skip
-                local = slice(s.start - rows.start, s.stop - rows.start)
-                kept = selection.kept(local, TokenScores(ent, gn[0] if gn else None))
+                kept = selection.kept(slice(s.start - rows.start, s.stop - rows.start), current)
+                logp, ent = current.logprobs, current.entropy
                 old_logp_s = logp.detach() if old_logp is None else old_logp[s]
                 self._log_mismatch(old_logp_s, ro, s, stats, with_max=old_logp is None)
                 inp = PolicyLossInput(

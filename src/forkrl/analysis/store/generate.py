@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from forkrl.analysis.store.options import StoreOptions, open_reward
-from forkrl.analysis.store.rows import PieceDecoder, model_label, prompt_ids_array, token_columns
+from forkrl.analysis.store.rows import PieceDecoder, model_label, sample_columns, token_columns
 from forkrl.analysis.store.schema import RolloutStore
 from forkrl.analysis.store.writer import StoreWriter
 from forkrl.seeding import mix_seed
@@ -90,9 +90,9 @@ def _with_scored_entropy(model: torch.nn.Module, rollout: Rollout, temperature: 
     device = next(model.parameters()).device
     on = rollout.to(device)
     with torch.inference_mode(), eval_mode(model):
-        _, entropy = score_responses(
+        entropy = score_responses(
             model, on.prompt_ids, on.prompt_mask, on.response_ids, on.response_mask, temperature or 1.0
-        )
+        ).entropy
     rollout.sampler_entropy = entropy.float().cpu().masked_fill(rollout.response_mask == 0, 0.0)
     return rollout
 
@@ -167,21 +167,13 @@ def _rollout_tables(
     lengths = rollout.response_lengths.cpu().numpy()
     ids = rollout.response_ids.cpu().tolist()  # one batch: bounded by batch_size x max_new_tokens
     texts = tokenizer.batch_decode([row[:n] for row, n in zip(ids, lengths)], skip_special_tokens=True)
-    scores = None if rewards is None else rewards(texts, owners).scores
-    prompt_index = np.array([ex.index for ex in owners])
-    samples = {
-        "sample_id": sample_ids,
-        "prompt_index": prompt_index,
-        "prompt": [ex.prompt for ex in owners],
-        "response": texts,
-        "prompt_ids": prompt_ids_array(rollout.prompt_ids, rollout.prompt_mask),
-        "length": lengths,
-        "finished": rollout.finished.cpu().numpy(),
-        "reward": scores if scores is not None else [None] * len(owners),
-    }
+    samples = sample_columns(
+        sample_ids, owners, texts, rollout.prompt_ids, rollout.prompt_mask, lengths, rollout.finished.cpu().numpy(),
+        rewards,
+    )  # fmt: skip
     tokens = token_columns(
         sample_ids,
-        prompt_index,
+        samples["prompt_index"],
         rollout.response_ids,
         rollout.response_mask,
         rollout.sampler_entropy,

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from forkrl.analysis.store.options import StoreOptions, open_reward
-from forkrl.analysis.store.rows import PieceDecoder, model_label, pad_batch, prompt_ids_array, token_columns
+from forkrl.analysis.store.rows import PieceDecoder, model_label, pad_batch, sample_columns, token_columns
 from forkrl.analysis.store.schema import RolloutStore
 from forkrl.analysis.store.writer import StoreWriter
 
@@ -131,19 +131,10 @@ def _scored_text_tables(
     device = next(model.parameters()).device
     prompt_t, prompt_m, resp_t, resp_m = pad_batch(prompt_ids, response_ids, tokenizer.pad_token_id or 0, device)
     with torch.inference_mode(), eval_mode(model):
-        logprob, entropy = score_responses(model, prompt_t, prompt_m, resp_t, resp_m, temperature)
+        logprob, entropy, _ = score_responses(model, prompt_t, prompt_m, resp_t, resp_m, temperature)
     eos = tokenizer.eos_token_id
-    scores = None if rewards is None else rewards(responses, examples).scores
-    prompt_index = np.array([ex.index for ex in examples])
-    samples = {
-        "sample_id": sample_ids,
-        "prompt_index": prompt_index,
-        "prompt": [ex.prompt for ex in examples],
-        "response": responses,
-        "prompt_ids": prompt_ids_array(prompt_t, prompt_m),
-        "length": np.array([len(r) for r in response_ids]),
-        "finished": [bool(r) and r[-1] == eos for r in response_ids],
-        "reward": scores if scores is not None else [None] * len(examples),
-    }
-    tokens = token_columns(sample_ids, prompt_index, resp_t, resp_m, entropy, logprob, decoder)
+    lengths = [len(r) for r in response_ids]
+    finished = [bool(r) and r[-1] == eos for r in response_ids]
+    samples = sample_columns(sample_ids, examples, responses, prompt_t, prompt_m, lengths, finished, rewards)
+    tokens = token_columns(sample_ids, samples["prompt_index"], resp_t, resp_m, entropy, logprob, decoder)
     return samples, tokens

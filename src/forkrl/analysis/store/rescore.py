@@ -114,7 +114,7 @@ def score_store(
             prompts = [prompt_values[prompt_offsets[i] : prompt_offsets[i + 1]] for i in rows]
             responses = [token_ids[offsets[i] : offsets[i + 1]] for i in rows]
             p, pm, r, rm = pad_batch(prompts, responses, 0, device)
-            lp, ent = score_responses(model, p, pm, r, rm, temperature)
+            lp, ent, _ = score_responses(model, p, pm, r, rm, temperature)
             lp, ent = lp.float().cpu().numpy(), ent.float().cpu().numpy()
             for j, i in enumerate(rows):
                 n = lengths[i]

@@ -45,6 +45,32 @@ def prompt_ids_array(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> pa.
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=pa.int32()))
 
 
+def sample_columns(
+    sample_ids: np.ndarray,
+    examples: Sequence,
+    responses: list[str],
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    lengths: Sequence[int],
+    finished: Sequence[bool],
+    rewards=None,
+) -> dict[str, Any]:
+    """The `samples` table's columns of one batch: one row per response, `examples[i]` its prompt
+    (`PromptExample`), `prompt_ids`/`prompt_mask` `[B, P]` its left-padded tokens; the responses
+    are scored with `rewards` (a `RewardComputer`) when given, else the reward column is null."""
+    scores = None if rewards is None else rewards(responses, examples).scores
+    return {
+        "sample_id": sample_ids,
+        "prompt_index": np.array([ex.index for ex in examples]),
+        "prompt": [ex.prompt for ex in examples],
+        "response": responses,
+        "prompt_ids": prompt_ids_array(prompt_ids, prompt_mask),
+        "length": np.asarray(lengths),
+        "finished": finished,
+        "reward": scores if scores is not None else [None] * len(examples),
+    }
+
+
 def token_columns(
     sample_ids: np.ndarray,
     prompt_index: np.ndarray,

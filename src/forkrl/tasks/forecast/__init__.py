@@ -4,7 +4,7 @@
   clipped log score and the empirical-win-rate reward, all as batch rewards (`ForecastReward`).
 - `matchups`: the synthetic match-up task with known true probabilities (the forecasting toy).
 
-Importing this package (which `forkrl.tasks.rewards` does) registers these rewards:
+The registered rewards (`forkrl.tasks.rewards` names them by import path, `FORECAST_REWARDS`):
 
 | name | reward |
 |---|---|
@@ -36,6 +36,7 @@ from forkrl.tasks.forecast.matchups import (
     write_rows_jsonl,
 )
 from forkrl.tasks.forecast.scoring import (
+    FORECAST_REWARDS,
     ForecastReward,
     ParsedForecast,
     brier_reward,
@@ -48,7 +49,6 @@ from forkrl.tasks.forecast.scoring import (
     parse_outcome,
     truth_score,
 )
-from forkrl.tasks.rewards import register_reward
 
 __all__ = [
     "FORECAST_REWARDS",
@@ -75,16 +75,3 @@ __all__ = [
     "truth_score",
     "write_rows_jsonl",
 ]
-
-FORECAST_REWARDS = {
-    "forecast_brier": ForecastReward("brier"),
-    "forecast_log": ForecastReward("log"),
-    "forecast_winrate": ForecastReward("winrate"),
-    "forecast_winrate_pure": ForecastReward("winrate", brier_weight=0.0),
-    "forecast_winrate_b5": ForecastReward("winrate", bins=5),
-    "forecast_winrate_b20": ForecastReward("winrate", bins=20),
-}
-"""The registered forecast rewards, by name (the same objects `REWARD_FUNCTIONS` holds)."""
-for _name, _reward in FORECAST_REWARDS.items():
-    register_reward(_name, _reward)
-register_reward("forecast_truth", truth_score)

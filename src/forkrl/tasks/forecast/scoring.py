@@ -45,7 +45,7 @@ import re
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from forkrl.tasks.data import _MISSING, PromptDataError, PromptExample, _get_field, _read_file_rows
+from forkrl.tasks.data import MISSING, PromptDataError, PromptExample, get_field, read_file_rows
 from forkrl.tasks.rewards import BatchReward, RewardBatch
 
 __all__ = [
@@ -141,8 +141,8 @@ def outcome_of(example: PromptExample, key: str | None = None) -> int:
     if key is None:
         value, source = example.answer, "answer (data.answer_key)"
     else:
-        value, source = _get_field(example.metadata or {}, key), f"field {key!r}"
-        if value is _MISSING:
+        value, source = get_field(example.metadata or {}, key), f"field {key!r}"
+        if value is MISSING:
             raise ValueError(f"prompt index {example.index}: the row has no outcome {source}")
     try:
         return parse_outcome(value)
@@ -158,10 +158,10 @@ def check_outcomes(source: str, key: str = "outcome") -> int:
     """
     if not os.path.isfile(source):
         raise PromptDataError(f"{source}: not a file (outcomes are checked in jsonl, json or parquet files)")
-    rows = _read_file_rows(source, None)
+    rows = read_file_rows(source, None)
     for where, row in rows:
-        value = _get_field(row, key)
-        if value is _MISSING or value is None:
+        value = get_field(row, key)
+        if value is MISSING or value is None:
             raise PromptDataError(f"{where}: row has no outcome field {key!r} (its fields: {sorted(row)})")
         try:
             parse_outcome(value)
@@ -179,9 +179,9 @@ def truth_score(completion: str, example: PromptExample, key: str = "true_p") ->
     toy): since E[(p − y)²] = E[(p − q)²] + E[q(1 − q)] for y ~ Bernoulli(q), the mean ranks models
     as their expected Brier does, without the outcome noise. ValueError (counted as a failed call)
     when the row has no q in [0, 1]."""
-    q = _get_field(example.metadata or {}, key)
-    if q is _MISSING or isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 <= q <= 1.0:
-        shown = "no such field" if q is _MISSING else repr(q)
+    q = get_field(example.metadata or {}, key)
+    if q is MISSING or isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 <= q <= 1.0:
+        shown = "no such field" if q is MISSING else repr(q)
         raise ValueError(f"prompt index {example.index}: field {key!r} must be a probability in [0, 1], got {shown}")
     p = parse_forecast(completion).p
     return 0.0 if p is None else 1.0 - (p - float(q)) ** 2
@@ -340,3 +340,22 @@ class ForecastReward(BatchReward):
                 scores[i] = 0.0  # an error scores 0, like a per-response reward that raised
         invalid_format = sum(p is None and y is not None for p, y in zip(forecasts, outcomes))
         return RewardBatch(scores, num_errors=errors, first_failure=first_failure, num_invalid_format=invalid_format)
+
+
+# The registered forecast rewards (`forkrl.tasks.rewards` names them by import path, so they are
+# imported only when first used).
+forecast_brier = ForecastReward("brier")
+forecast_log = ForecastReward("log")
+forecast_winrate = ForecastReward("winrate")
+forecast_winrate_pure = ForecastReward("winrate", brier_weight=0.0)
+forecast_winrate_b5 = ForecastReward("winrate", bins=5)
+forecast_winrate_b20 = ForecastReward("winrate", bins=20)
+FORECAST_REWARDS = {
+    "forecast_brier": forecast_brier,
+    "forecast_log": forecast_log,
+    "forecast_winrate": forecast_winrate,
+    "forecast_winrate_pure": forecast_winrate_pure,
+    "forecast_winrate_b5": forecast_winrate_b5,
+    "forecast_winrate_b20": forecast_winrate_b20,
+}
+"""The registered forecast rewards, by name (the same objects `REWARD_FUNCTIONS` holds)."""

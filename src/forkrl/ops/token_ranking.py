@@ -1,4 +1,7 @@
-"""Token selection by entropy: which response tokens take part in the policy-gradient update.
+"""Token ranking kernels: keep the top k response tokens by entropy (or another per-token value).
+
+These are the tensor operations of token selection; `forkrl.algo.selection` decides, per scope,
+which tokens are ranked together and how many the optimizer step keeps.
 
 This is the indicator 1[H_i,t >= tau_rho] of the forking-token objective (paper 1, Eq. 6):
 keep the top-rho fraction of valid response tokens by entropy, and the controls the paper
@@ -18,7 +21,7 @@ Choices fixed here, because the paper leaves them implicit:
   authors' code uses `int(N * rho + 0.9999)`; it agrees with this except where the exact
   fractional part of rho * N is in (0, 1e-4] (it then rounds down), which needs unusual
   ratios such as 1e-5.
-- Scope is the caller's: selection happens within the tensor it is given. Pass one
+- Scope is the caller's: ranking happens within the tensor it is given. Pass one
   micro-batch for the authors' per-device scope; pass `group` for TRL's whole-batch
   scope across data-parallel ranks, which selects exactly as if every rank's `[B, T]`
   tensor were concatenated along dim 0 in rank order, without gathering the entropies.
@@ -36,10 +39,11 @@ import torch
 import torch.distributed as dist
 
 from forkrl.distributed import all_gather_scalars, all_reduce_sum, is_distributed, rank
+from forkrl.registry import Registry
 
 __all__ = [
     "STRATEGIES",
-    "Scope",
+    "RankGroup",
     "Strategy",
     "TokenSelection",
     "num_selected",
@@ -60,8 +64,8 @@ class TokenSelection:
     """(B, T) bool: True for kept tokens; always False on padding."""
     threshold: torch.Tensor
     """() fp32: the k-th entropy, i.e. the smallest kept entropy for `top`, the largest kept
-    for `bottom`; NaN for `all`, `random`, `gradient` (it ranks by another value) and when
-    nothing is kept."""
+    for `bottom` (strategies registered with `reports_threshold`); NaN for the others (`all`,
+    `random`, `gradient`, which ranks by another value) and when nothing is kept."""
     num_kept: torch.Tensor
     """() int64: k, the number of kept tokens."""
     num_valid: torch.Tensor
@@ -81,11 +85,11 @@ def num_selected(num_valid: int, ratio: float, strategy: str) -> int:
     Exact: the ratio is read as the decimal it is written as (`repr`), so 0.55 * 100 -> 55.
     The loss normalizer uses this to know the kept count from token counts alone.
     """
-    _check_strategy(strategy)
+    keeps = STRATEGIES.get(strategy).keeps
     _check_ratio(ratio)
     if num_valid < 0:
         raise ValueError(f"num_valid must be >= 0, got {num_valid}")
-    return STRATEGIES[strategy].keeps(num_valid, ratio)
+    return keeps(num_valid, ratio)
 
 
 def ceil_fraction(num_valid: int, ratio: float) -> int:
@@ -100,46 +104,58 @@ def every_token(num_valid: int, ratio: float) -> int:
 
 # --------------------------------------------------------------------------- the registry
 
-SelectFn = Callable[["torch.Tensor | None", torch.Tensor, int, "Scope", "torch.Generator | None"], tuple]
-"""(values (B, T) fp32 or None, valid (B, T) bool, k >= 1, scope, generator) -> (mask, threshold)."""
+SelectFn = Callable[["torch.Tensor | None", torch.Tensor, int, "RankGroup", "torch.Generator | None"], tuple]
+"""(values (B, T) fp32 or None, valid (B, T) bool, k >= 1, group, generator) -> (mask, threshold)."""
 
 
 @dataclass(frozen=True)
 class Strategy:
-    """A registered selection strategy: what it ranks by, how many it keeps, how it picks them."""
+    """A registered selection strategy: everything the rest of forkrl asks of one.
+
+    What it ranks by, how many it keeps, whether it keeps every candidate, and how it picks them.
+    """
 
     name: str
-    needs: str | None
+    ranks_by: str | None
     """The per-token values it ranks by: `entropy`, `grad_norm` (‖∂ log π(o_t)/∂z_t‖₂, from the
     fused op's `return_grad_norm`) or None (it needs no forward pass: `all`, `random`)."""
     keeps: Callable[[int, float], int]
     """(N valid tokens, ratio) -> k kept: exact, so the loss normalizer knows k from counts alone."""
     select: SelectFn
+    keeps_all: bool = False
+    """Every candidate token is kept (`all`; `span` over the span's tokens): nothing is ranked."""
     reports_threshold: bool = False
     """Whether the k-th value is an entropy threshold worth logging (`top`, `bottom`)."""
+    region: str | None = None
+    """The region of the response (`selection.region`, `forkrl.algo.spans`) the strategy always
+    picks within (`span`: the span), or None for any region."""
 
 
-STRATEGIES: dict[str, Strategy] = {}
-NEEDS = ("entropy", "grad_norm", None)
+STRATEGIES: Registry[Strategy] = Registry("selection strategy")
+RANKS_BY = ("entropy", "grad_norm", None)
 
 
 def register_strategy(
     name: str,
-    needs: str | None = "entropy",
+    ranks_by: str | None = "entropy",
     keeps: Callable[[int, float], int] = ceil_fraction,
+    *,
+    keeps_all: bool = False,
     reports_threshold: bool = False,
+    region: str | None = None,
 ) -> Callable[[SelectFn], SelectFn]:
-    """Register `fn(values, valid, k, scope, generator) -> (mask, threshold)` as strategy `name`.
+    """Register `fn(values, valid, k, group, generator) -> (mask, threshold)` as strategy `name`.
 
-    `values` holds what `needs` names (None when it needs nothing); `valid` the tokens it may
-    keep; k = `keeps(N, ratio)` >= 1 tokens must be kept over the scope (use `Scope.sum` /
-    `Scope.gather` for anything that spans ranks, or `top_k_by_key` for an exact top-k).
+    `values` holds what `ranks_by` names (None when it ranks by nothing); `valid` the tokens it may
+    keep; k = `keeps(N, ratio)` >= 1 tokens must be kept over the group (use `RankGroup.sum` /
+    `RankGroup.gather` for anything that spans ranks, or `top_k_by_key` for an exact top-k). The
+    other fields are those of `Strategy`.
     """
-    if needs not in NEEDS:
-        raise ValueError(f"strategy {name!r}: needs must be one of {NEEDS}, got {needs!r}")
+    if ranks_by not in RANKS_BY:
+        raise ValueError(f"strategy {name!r}: ranks_by must be one of {RANKS_BY}, got {ranks_by!r}")
 
     def add(fn: SelectFn) -> SelectFn:
-        STRATEGIES[name] = Strategy(name, needs, keeps, fn, reports_threshold)
+        STRATEGIES.register(name, Strategy(name, ranks_by, keeps, fn, keeps_all, reports_threshold, region))
         return fn
 
     return add
@@ -182,43 +198,47 @@ def select_tokens(
         A `TokenSelection`. Host syncs: one to read N (k must be a Python int to apply the
         decimal ceil) and one per radix pass inside `torch.bincount` (4 for top/bottom/random).
     """
-    _check_strategy(strategy)
+    spec = STRATEGIES.get(strategy)
     _check_ratio(ratio)
-    spec = STRATEGIES[strategy]
     for name, t in (("entropy", entropy), ("grad_norm", grad_norm)):
         if t is not None and t.shape != response_mask.shape:
             raise ValueError(
                 f"{name} and response_mask must have the same shape, got "
                 f"{tuple(t.shape)} and {tuple(response_mask.shape)}"
             )
-    values = {"entropy": entropy, "grad_norm": grad_norm, None: None}[spec.needs]
-    if spec.needs is not None and values is None:
-        hint = " (score_responses(return_grad_norm=True))" if spec.needs == "grad_norm" else ""
-        raise ValueError(f"selection strategy {strategy!r} needs {spec.needs}{hint}")
-    scope = Scope(group)
+    values = {"entropy": entropy, "grad_norm": grad_norm, None: None}[spec.ranks_by]
+    if spec.ranks_by is not None and values is None:
+        hint = " (score_responses(return_grad_norm=True))" if spec.ranks_by == "grad_norm" else ""
+        raise ValueError(f"selection strategy {strategy!r} needs {spec.ranks_by}{hint}")
+    ranked = RankGroup(group)
     valid = response_mask.bool()
     # fp32 everywhere; "+ 0.0" turns -0.0 into +0.0 so that the two zeros tie, as they
     # compare equal (the bit-level keys below would otherwise put -0.0 first)
     if values is not None:
         values = values.detach().float() + 0.0
 
-    num_valid = scope.sum(valid.sum())  # (), int64
+    num_valid = ranked.sum(valid.sum())  # (), int64
     k = num_selected(int(num_valid.item()), ratio, strategy)  # host sync: decimal ceil needs N
 
     nan = torch.full((), math.nan, device=valid.device)
     if k == 0:
         mask, threshold = torch.zeros_like(valid), nan
     else:
-        mask, threshold = spec.select(values, valid, k, scope, generator)
+        mask, threshold = spec.select(values, valid, k, ranked, generator)
         if not spec.reports_threshold:
             threshold = nan
 
+    return _with_statistics(mask, threshold, k, num_valid, entropy, valid, ranked)
+
+
+def _with_statistics(mask, threshold, k: int, num_valid, entropy, valid, ranked: RankGroup) -> TokenSelection:
+    """The `TokenSelection` of `mask`, with its entropy means over the group."""
     # fp64 sums so that the means of 10^8 tokens do not drift; one all-reduce for both
     # (torch.where rather than boolean indexing, which would sync on the GPU)
     if entropy is not None:
         entropy64 = entropy.detach().double() + 0.0
         sums = torch.stack([torch.where(valid, entropy64, 0.0).sum(), torch.where(mask, entropy64, 0.0).sum()])
-        sum_all, sum_kept = scope.sum(sums)
+        sum_all, sum_kept = ranked.sum(sums)
     else:
         sum_all = sum_kept = torch.zeros((), dtype=torch.float64, device=valid.device)
     num_kept = torch.tensor(k, dtype=torch.int64, device=valid.device)
@@ -239,38 +259,38 @@ def select_tokens(
 _KEY_MAX = 2**32 - 1
 
 
-@register_strategy("all", needs=None, keeps=every_token)
-def _select_all(values, valid, k, scope, generator):
+@register_strategy("all", ranks_by=None, keeps=every_token, keeps_all=True)
+def _select_all(values, valid, k, ranked, generator):
     return valid.clone(), None
 
 
 @register_strategy("top", reports_threshold=True)
-def _select_top(values, valid, k, scope, generator):
-    mask, tau_key = top_k_by_key(_float_to_key(values), valid, k, scope)
+def _select_top(values, valid, k, ranked, generator):
+    mask, tau_key = top_k_by_key(_float_to_key(values), valid, k, ranked)
     return mask, _key_to_float(tau_key)
 
 
 @register_strategy("bottom", reports_threshold=True)
-def _select_bottom(values, valid, k, scope, generator):
+def _select_bottom(values, valid, k, ranked, generator):
     # bottom-k is top-k on reversed keys; ties still go to the earlier token
-    mask, tau_key = top_k_by_key(_KEY_MAX - _float_to_key(values), valid, k, scope)
+    mask, tau_key = top_k_by_key(_KEY_MAX - _float_to_key(values), valid, k, ranked)
     return mask, _key_to_float(_KEY_MAX - tau_key)
 
 
-@register_strategy("random", needs=None)
-def _select_random(values, valid, k, scope, generator):
+@register_strategy("random", ranks_by=None)
+def _select_random(values, valid, k, ranked, generator):
     # top-k on i.i.d. uniform keys is a uniform random k-subset, and reuses the exact
     # distributed top-k; key ties (rare with 32-bit keys) go deterministically by order
     keys = torch.randint(0, 2**32, valid.shape, generator=generator, device=valid.device)
-    mask, _ = top_k_by_key(keys, valid, k, scope)
+    mask, _ = top_k_by_key(keys, valid, k, ranked)
     return mask, None
 
 
 # top-k on the gradient norms instead of the entropies
-register_strategy("gradient", needs="grad_norm")(_select_top)
+register_strategy("gradient", ranks_by="grad_norm")(_select_top)
 # every candidate token: with `selection.region=span` (implied) the tokens of a span matched on the
 # decoded text (`forkrl.algo.spans`), which the caller passes in as the mask
-register_strategy("span", needs=None, keeps=every_token)(_select_all)
+register_strategy("span", ranks_by=None, keeps=every_token, keeps_all=True, region="span")(_select_all)
 
 
 # ----------------------------------------------------------------------- exact radix select
@@ -296,16 +316,18 @@ def _key_to_float(key: torch.Tensor) -> torch.Tensor:
     return bits.to(torch.int32).view(torch.float32)
 
 
-def top_k_by_key(keys: torch.Tensor, valid: torch.Tensor, k: int, scope: Scope) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k largest valid keys over the scope, ties to the earlier (rank, flat index).
+def top_k_by_key(
+    keys: torch.Tensor, valid: torch.Tensor, k: int, ranked: RankGroup
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest valid keys over the group, ties to the earlier (rank, flat index).
 
     Args:
         keys: (B, T) int64 in [0, 2^32).
         valid: (B, T) bool.
-        k: 1 <= k <= number of valid keys over the scope.
+        k: 1 <= k <= number of valid keys over the group.
 
     Returns:
-        mask (B, T) bool with k True over the scope, and tau () int64, the k-th largest key.
+        mask (B, T) bool with k True over the group, and tau () int64, the k-th largest key.
 
     Radix select: fix the key of the k-th largest one 8-bit digit at a time, from the top.
     Each pass histograms the next digit among the keys that match the digits fixed so
@@ -322,7 +344,7 @@ def top_k_by_key(keys: torch.Tensor, valid: torch.Tensor, k: int, scope: Scope) 
         # non-candidates go to an overflow bucket instead of being dropped by boolean
         # indexing, which would add a second sync (bincount's own, on CUDA, sizes its output)
         hist = torch.bincount(torch.where(candidates, digit, _NUM_BUCKETS), minlength=_NUM_BUCKETS + 1)
-        hist = scope.sum(hist[:_NUM_BUCKETS].contiguous())
+        hist = ranked.sum(hist[:_NUM_BUCKETS].contiguous())
         at_or_above = hist.flip(0).cumsum(0).flip(0)  # [d] = #candidates with digit >= d
         # at_or_above is non-increasing and at_or_above[0] >= remaining, so the k-th
         # largest digit is the last d with at_or_above[d] >= remaining
@@ -336,15 +358,15 @@ def top_k_by_key(keys: torch.Tensor, valid: torch.Tensor, k: int, scope: Scope) 
     above = valid & (keys > tau)
     ties = valid & (keys == tau)
     num_ties = ties.sum()
-    ties_per_rank = scope.gather(num_ties)  # (world,)
-    ties_before = ties_per_rank[: scope.rank].sum()
+    ties_per_rank = ranked.gather(num_ties)  # (world,)
+    ties_before = ties_per_rank[: ranked.rank].sum()
     take_here = (remaining - ties_before).clamp(min=0, max=num_ties)
     take = ties & (ties.cumsum(0) <= take_here)
     return (above | take).view(shape), tau
 
 
-class Scope:
-    """Reductions over the selection scope: this tensor alone, or every rank of `group`.
+class RankGroup:
+    """Reductions over the tokens ranked together: this tensor alone, or every rank of `group`.
 
     `group=None` must stay local even when torch.distributed is initialized (per-device
     scope), which is why this does not call the helpers with the default group.
@@ -360,11 +382,6 @@ class Scope:
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         return all_gather_scalars(t, self.group) if self.is_global else t.reshape(1)
-
-
-def _check_strategy(strategy: str) -> None:
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown selection strategy {strategy!r}; valid: {sorted(STRATEGIES)}")
 
 
 def _check_ratio(ratio: float) -> None:

@@ -1,4 +1,4 @@
-"""Tests for forkrl.ops.selection: which tokens each strategy keeps, exact k, ties, global scope."""
+"""Tests for forkrl.ops.token_ranking: which tokens each strategy keeps, exact k, ties, global scope."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch.distributed as dist
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from forkrl.ops.selection import (
+from forkrl.ops.token_ranking import (
     TokenSelection,
     _float_to_key,
     _key_to_float,
