@@ -53,27 +53,6 @@ def _check_span(s) -> None:
             raise ConfigError(f"selection.span_pattern = {s.span_pattern!r}: {err}") from None
 
 
-def _check_backend(r) -> None:
-    """`rollout.backend` exists and supports what the rollout settings ask of it."""
-    from forkrl.rollout.registry import get_backend, missing_capabilities, missing_package, option_problems
-
-    try:
-        get_backend(r.backend)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    missing = missing_package(r.backend)
-    if missing:
-        raise ConfigError(missing)
-    problems = option_problems(r.backend, r.backend_kwargs)
-    if problems:
-        raise ConfigError(problems[0])
-    for key, capability in missing_capabilities(r.backend, r):
-        raise ConfigError(
-            f"{key} = {getattr(r, key.split('.')[1])!r}: rollout.backend {r.backend!r} does not support "
-            f"{capability}; unset {key} or use a backend that does (hf)"
-        )
-
-
 @dataclass
 class ModelConfig:
     """The policy: any Hugging Face causal LM."""
@@ -449,7 +428,11 @@ def _validate(cfg: Config, check_files: bool) -> None:
     need(r.generation_batch_size >= 1, "rollout.generation_batch_size", ">= 1")
     need(r.max_sampling_rounds >= 1, "rollout.max_sampling_rounds", ">= 1")
     need(r.decode_phase >= 0, "rollout.decode_phase", ">= 0 (0 = one decoding phase)")
-    _check_backend(r)
+    from forkrl.rollout.registry import backend_problem
+
+    problem = backend_problem(r)
+    if problem:
+        raise ConfigError(problem)
     need(r.prompts_per_round >= 0, "rollout.prompts_per_round", ">= 0 (0 = rollout.prompts_per_step)")
     need(
         r.prompts_per_round == 0 or r.dynamic_sampling,

@@ -191,6 +191,23 @@ def missing_package(name: str) -> str | None:
     return f"rollout.backend = {name!r} needs the {caps.requires} package, which is not installed: {caps.install_hint}"
 
 
+def backend_problem(rollout) -> str | None:
+    """What makes `rollout` (a RolloutConfig) unservable by its backend, as one line naming the key
+    and the backend (an unknown name, a missing package, a bad engine option, a missing capability);
+    None when it can be served. The config check calls it before the model loads."""
+    try:
+        get_backend(rollout.backend)
+    except ValueError as err:
+        return str(err)
+    problems = [missing_package(rollout.backend)] + option_problems(rollout.backend, rollout.backend_kwargs)
+    problems += [
+        f"{key} = {getattr(rollout, key.split('.')[1])!r}: rollout.backend {rollout.backend!r} does not support "
+        f"{capability}; unset {key} or use a backend that does (hf)"
+        for key, capability in missing_capabilities(rollout.backend, rollout)
+    ]
+    return next((p for p in problems if p), None)
+
+
 def missing_capabilities(name: str, rollout) -> list[tuple[str, str]]:
     """(config key, capability) pairs that `rollout` (a RolloutConfig) needs and backend `name` lacks."""
     caps = get_backend(name).capabilities
