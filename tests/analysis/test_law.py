@@ -99,6 +99,120 @@ def test_run_law_errors_name_the_file_and_key(tmp_path):
         run_law([run], tmp_path / "out", accuracy_key="aime25")
     with pytest.raises(RunError, match=r"metrics\.jsonl: no metric 'policy_entropy'"):
         run_law([run], tmp_path / "out", entropy_key="policy_entropy")
-    with pytest.raises(RunError, match=r"nope.*metrics\.jsonl: missing"):
+    with pytest.raises(RunError, match=r"nope: neither a run directory \(metrics\.jsonl\) nor a sweep's results"):
         (tmp_path / "nope").mkdir()
         run_law([tmp_path / "nope"], tmp_path / "out")
+
+
+# ---------------------------------------------------------------------------- across a study's sweeps
+
+
+def _law_records(a, b, offset=0.0, h=H):
+    return [
+        {"step": i, "entropy": float(x), "accuracy": float(-a * math.exp(x) + b + offset)} for i, x in enumerate(h, 1)
+    ]
+
+
+def write_sweep(root, cells, seeds=(0, 1)):
+    """A sweep results folder: `cells` maps a cell name to records(seed); base/seed_N has no metrics."""
+    for cell, records in cells.items():
+        for seed in seeds:
+            run = write_run(root / cell / f"seed_{seed}", records(seed), {"seed": seed})
+            (run / "sweep_result.json").write_text(json.dumps({"kind": "train", "cell": cell, "seed": seed}))
+    for seed in seeds:
+        (root / "base" / f"seed_{seed}").mkdir(parents=True)
+        (root / "base" / f"seed_{seed}" / "sweep_result.json").write_text(json.dumps({"kind": "base", "seed": seed}))
+    return root
+
+
+def test_sweep_folders_expand_to_cells_and_a_copied_run_counts_once(tmp_path):
+    from forkrl.analysis.law_study import cell_label, expand_run_dirs
+
+    study = write_sweep(
+        tmp_path / "study",
+        {
+            "selection.strategy=all": lambda s: _law_records(A, B, 0.01 * s),
+            "selection.strategy=top,selection.ratio=0.2": lambda s: _law_records(A, B, 0.1 + 0.01 * s),
+        },
+    )
+    # A second sweep that copied the study's `all` runs and added one cell.
+    extra = write_sweep(
+        tmp_path / "rho", {"selection.strategy=top,selection.ratio=0.1": lambda s: _law_records(A, B, 0.2 + 0.01 * s)}
+    )
+    import shutil
+
+    shutil.copytree(study / "selection.strategy=all", extra / "selection.strategy=all")
+    sources, notes = expand_run_dirs([study, extra])
+    cells = [s.cell for s in sources]
+    # The study's 4 runs, then the rho folder's own 2: its copies of `all` are the same bytes, counted once.
+    assert (
+        cells
+        == ["selection.strategy=all"] * 2
+        + ["selection.strategy=top,selection.ratio=0.2"] * 2
+        + ["selection.strategy=top,selection.ratio=0.1"] * 2
+    )
+    assert [s.path.parent.parent.name for s in sources] == ["study"] * 4 + ["rho"] * 2
+    assert len(notes) == 2 and all("counted once" in n and "study" in n for n in notes)
+    assert (
+        cell_label("selection.strategy=top,selection.ratio=0.2,loss.normalizer=all-tokens")
+        == "top ρ=0.2, normalizer=all-tokens"
+    )
+    assert cell_label("selection.strategy=all") == "all"
+    with pytest.raises(RunError, match=r"empty: neither a run directory .* nor a sweep's results"):
+        (tmp_path / "empty").mkdir()
+        expand_run_dirs([tmp_path / "empty"])
+
+
+def test_bootstrap_over_runs_spans_the_runs_own_fits():
+    from forkrl.analysis.law_study import bootstrap_fit
+
+    # Two runs on the same entropy grid, each exactly on its own law (a = 0.2 and 0.4). A resample
+    # is (1,1), (2,2) or one of each (the pooled fit of equal grids averages them: a = 0.3), with
+    # chances 1/4, 1/4, 1/2: the 2.5% and 97.5% percentiles are the two runs' own values.
+    series = [(H, -0.2 * np.exp(H) + B), (H, -0.4 * np.exp(H) + 1.1)]
+    boot = bootstrap_fit(series, 400, 0, fit_entropy_law)
+    assert boot["a"]["low"] == pytest.approx(0.2, abs=1e-9) and boot["a"]["high"] == pytest.approx(0.4, abs=1e-9)
+    assert boot["ceiling"]["low"] == pytest.approx(B - 0.2, abs=1e-9)
+    assert boot["ceiling"]["high"] == pytest.approx(1.1 - 0.4, abs=1e-9)
+    assert boot == bootstrap_fit(series, 400, 0, fit_entropy_law)  # seeded
+    assert bootstrap_fit(series[:1], 400, 0, fit_entropy_law) is None  # one run: no interval over runs
+
+
+def test_study_law_groups_residuals_and_exclusion(tmp_path):
+    # `all` and `top` scatter about the law (seed 0 above, seed 1 below by as much); `bottom` sits 0.1
+    # above it on a different entropy range.
+    high_h = np.linspace(1.6, 2.0, 40)
+    study = write_sweep(
+        tmp_path / "study",
+        {
+            "selection.strategy=all": lambda s: _law_records(A, B, 0.01 * (1 - 2 * s)),
+            "selection.strategy=top,selection.ratio=0.2": lambda s: _law_records(A, B, 0.02 * (1 - 2 * s)),
+            "selection.strategy=bottom,selection.ratio=0.8": lambda s: _law_records(A, B, 0.1, h=high_h + 0.001 * s),
+        },
+    )
+    summary = run_law([study], tmp_path / "out", exclude=["bottom ρ=0.8"], bootstrap=50)
+    pooled = summary["pooled"]
+    assert (
+        pooled["runs"] == 4
+        and pooled["a"] == pytest.approx(A, abs=1e-9)
+        and pooled["ceiling"] == pytest.approx(B - A, abs=1e-9)
+    )
+    assert pooled["bootstrap"]["a"]["low"] <= A <= pooled["bootstrap"]["a"]["high"]
+    rows = {row["group"]: row for row in summary["groups"]}
+    assert set(rows) == {"all", "top ρ=0.2", "bottom ρ=0.8"}
+    bottom = rows["bottom ρ=0.8"]
+    assert bottom["excluded"] and bottom["departs"] and bottom["mean_residual"]["mean"] == pytest.approx(0.1, abs=1e-9)
+    assert rows["all"]["per_run_mean_residual"] == pytest.approx([0.01, -0.01], abs=1e-9)
+    assert rows["all"]["mean_residual"]["mean"] == pytest.approx(0.0, abs=1e-9) and not rows["all"]["departs"]
+    assert [run["group"] for run in summary["runs"]].count("top ρ=0.2") == 2
+    md = (tmp_path / "out" / "law.md").read_text()
+    assert "Pooled over 4 run(s) (bottom ρ=0.8 left out of the fit), 160 steps" in md
+    assert "| bottom ρ=0.8 | 2 |" in md and "yes (left out of the fit)" in md
+    # Fitted with bottom in, the pooled curve moves and the bottom runs pull it.
+    summary = run_law([study], tmp_path / "out_all", bootstrap=0)
+    assert summary["pooled"]["runs"] == 6 and summary["pooled"]["bootstrap"] is None
+    assert abs(summary["pooled"]["b"] - B) > 1e-3
+    with pytest.raises(
+        RunError, match=r"--exclude 'middle': no such group; the groups are 'all', 'bottom ρ=0.8', 'top ρ=0.2'"
+    ):
+        run_law([study], tmp_path / "out_bad", exclude=["middle"])

@@ -208,17 +208,31 @@ def evolution(
     _run(run_evolution, source, out, fresh=out)
 
 
-@app.command("law", epilog="Example: forkrl analyze law runs/a runs/b --accuracy aime24 --out law/")
+@app.command("law", epilog="Example: forkrl analyze law runs/a runs/b docs/ablation/results --out law/")
 def law(
-    run_dirs: list[str] = typer.Argument(..., help="Run directories."),
+    run_dirs: list[str] = typer.Argument(..., help="Run directories and/or sweep results folders (CELL/seed_N)."),
     out: str = typer.Option(..., "--out"),
     accuracy: str = typer.Option("accuracy", "--accuracy", help="Training `accuracy` or a benchmark name."),
     fit_fraction: float = typer.Option(0.5, "--fit-fraction", help="Fit on this first part, predict the rest."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="Resamples of runs for the intervals (0: none)."),
+    seed: int = typer.Option(0, "--seed", help="The bootstrap's seed."),
+    exclude: list[str] = typer.Option(None, "--exclude", help="A group left out of the pooled fit (repeatable)."),
 ) -> None:
-    """Paper 2: fit R = −a·e^H + b, report the ceiling b − a and the held-out error; covariance plots."""
+    """Paper 2: fit R = −a·e^H + b across runs and sweeps: the ceiling b − a with bootstrap intervals,
+    the held-out error, per-group departures from the pooled curve; covariance plots."""
     from forkrl.analysis.law import run_law
 
-    _run(run_law, run_dirs, out, accuracy_key=accuracy, fit_fraction=fit_fraction, fresh=out)
+    _run(
+        run_law,
+        run_dirs,
+        out,
+        accuracy_key=accuracy,
+        fit_fraction=fit_fraction,
+        bootstrap=bootstrap,
+        seed=seed,
+        exclude=exclude or (),
+        fresh=out,
+    )
 
 
 @app.command("compare", epilog="Example: forkrl analyze compare runs/top20_s* runs/all_s* --out cmp/ --smooth 5")

@@ -25,8 +25,16 @@ from typing import Any
 
 import numpy as np
 
-from forkrl.analysis.runs import Run, RunError, load_runs, resolve_accuracy_key
-from forkrl.io import atomic_write_json, pyplot, save_figure
+from forkrl.analysis.law_study import (
+    RunSource,
+    bootstrap_fit,
+    cell_label,
+    expand_run_dirs,
+    group_residuals,
+    law_markdown,
+)
+from forkrl.analysis.runs import Run, RunError, group_by_setting, load_runs, resolve_accuracy_key
+from forkrl.io import atomic_write_json, atomic_write_text, pyplot, save_figure
 
 __all__ = [
     "HoldoutError",
@@ -158,25 +166,38 @@ def run_law(
     accuracy_key: str = "accuracy",
     fit_fraction: float = 0.5,
     entropy_key: str = "entropy",
+    bootstrap: int = 1000,
+    seed: int = 0,
+    exclude: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """`forkrl analyze law`: fit R = −a·e^H + b and write `law.json`, `law.png`, `covariance.png`.
+    """`forkrl analyze law`: fit R = −a·e^H + b and write `law.json`, `law.md`, `law.png`, `covariance.png`.
 
     Args:
-        run_dirs: one or more run directories; their points are fitted together ("pooled") and
-            each on its own.
+        run_dirs: run directories and/or sweep results folders (`forkrl sweep` output or its
+            export; each `CELL/seed_N` is a run of group CELL). Their points are fitted together
+            ("pooled"), per group of runs (a sweep's cell, or runs whose configs differ only in
+            seeds) and per run.
         out_dir: created if needed.
         accuracy_key: `accuracy` (training batch, fraction) or an eval metric such as
             `eval/aime24/acc_at_k` (percent); a bare benchmark name `aime24` means the latter.
         fit_fraction: the held-out check fits on this first fraction of each run's points and
             predicts the rest.
         entropy_key: the entropy metric (default: mean token entropy of the current policy).
+        bootstrap: resamples of runs for the pooled fit's intervals (0: none).
+        seed: the bootstrap's seed.
+        exclude: groups left out of the pooled fit (still plotted, and their residuals about the
+            pooled curve are then out of sample).
 
-    Returns the contents of `law.json`: the pooled fit (a, b, ceiling b − a, R², RMSE), its
-    held-out RMSE/MAE, and the same per run.
+    Returns the contents of `law.json`: the pooled fit (a, b, ceiling b − a, R², RMSE) with its
+    bootstrap intervals and held-out RMSE/MAE; per group its own fit, held-out error and mean
+    residual about the pooled curve [t interval over its runs]; the same per run.
     """
     if not 0.0 < fit_fraction < 1.0:
         raise ValueError(f"fit_fraction must be in (0, 1), got {fit_fraction}")
-    runs = load_runs(run_dirs)
+    if bootstrap < 0:
+        raise ValueError(f"bootstrap must be ≥ 0 resamples, got {bootstrap}")
+    sources, notes = expand_run_dirs(run_dirs)
+    runs = load_runs([source.path for source in sources])
     data = []
     for run in runs:
         key = resolve_accuracy_key(run, accuracy_key)
@@ -186,85 +207,140 @@ def run_law(
             f"fewer than 2 steps with both {entropy_key!r} and {accuracy_key!r} in "
             + ", ".join(str(run.metrics_file) for run in runs)
         )
-
-    per_run = []
-    for run, steps, h, r, key in data:
-        fit, fit_err = _try(fit_entropy_law, h, r)
-        hold, hold_err = _try(holdout_error, [(h, r)], fit_fraction)
-        per_run.append(
-            {
-                "name": run.name,
-                "label": run.label,
-                "path": str(run.path),
-                "accuracy_key": key,
-                "points": len(h),
-                "steps": [int(steps[0]), int(steps[-1])] if len(steps) else None,
-                "fit": fit.to_json() if fit else None,
-                "fit_error": fit_err,
-                "holdout": hold.to_json() if hold else None,
-                "holdout_error": hold_err,
-            }
+    groups = _groups(sources, runs, data)
+    unknown = sorted(set(exclude) - set(groups))
+    if unknown:
+        raise RunError(
+            f"--exclude {', '.join(map(repr, unknown))}: no such group; the groups are {', '.join(map(repr, groups))}"
         )
-
-    all_h = np.concatenate([h for _, _, h, _, _ in data])
-    all_r = np.concatenate([r for _, _, _, r, _ in data])
+    series = [(h, r) for label, members in groups.items() if label not in exclude for _, h, r in members if len(h)]
+    if not series:
+        raise RunError("every group is excluded: nothing left to fit")
+    all_h = np.concatenate([h for h, _ in series])
+    all_r = np.concatenate([r for _, r in series])
     try:
         pooled = fit_entropy_law(all_h, all_r)
     except ValueError as err:
         raise RunError(f"cannot fit the law: {err}") from err
-    pooled_hold, pooled_hold_err = _try(holdout_error, [(h, r) for _, _, h, r, _ in data], fit_fraction)
+    pooled_hold, pooled_hold_err = _try(holdout_error, series, fit_fraction)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    notes = _plot_covariance(runs, out / "covariance.png")
-    _plot_law(data, pooled, fit_fraction, accuracy_key, entropy_key, out / "law.png")
+    notes += _plot_covariance(runs, out / "covariance.png")
+    _plot_law(data, groups, pooled, fit_fraction, accuracy_key, entropy_key, out / "law.png")
     summary = {
         "law": "R = -a * exp(H) + b",
         "accuracy_key": accuracy_key,
         "entropy_key": entropy_key,
         "fit_fraction": fit_fraction,
+        "excluded": list(exclude),
         "pooled": {
             **pooled.to_json(),
+            "runs": len(series),
+            "bootstrap": bootstrap_fit(series, bootstrap, seed, fit_entropy_law),
             "holdout": pooled_hold.to_json() if pooled_hold else None,
             "holdout_error": pooled_hold_err,
         },
-        "runs": per_run,
+        "groups": _group_rows(pooled, groups, fit_fraction, exclude),
+        "runs": [_run_row(run, steps, h, r, key, fit_fraction, groups) for run, steps, h, r, key in data],
         "notes": notes,
-        "outputs": [str(out / n) for n in ("law.json", "law.png", "covariance.png")],
+        "outputs": [str(out / n) for n in ("law.json", "law.md", "law.png", "covariance.png")],
     }
     atomic_write_json(out / "law.json", summary)
+    atomic_write_text(out / "law.md", law_markdown(summary))
     return summary
 
 
-def _plot_law(data, pooled: LawFit, fit_fraction: float, accuracy_key: str, entropy_key: str, path: Path) -> None:
-    fig = pyplot().figure(figsize=(7, 5), layout="constrained")
+def _groups(sources: list[RunSource], runs: list[Run], data) -> dict[str, list[tuple[Run, np.ndarray, np.ndarray]]]:
+    """Runs by group, in first-seen order: a sweep's cell, else runs whose configs differ only in seeds."""
+    setting_label = {id(run): group.label for group in group_by_setting(runs) for run in group.runs}
+    groups: dict[str, list[tuple[Run, np.ndarray, np.ndarray]]] = {}
+    for source, (run, _, h, r, _) in zip(sources, data):
+        label = cell_label(source.cell) if source.cell else setting_label[id(run)]
+        groups.setdefault(label, []).append((run, h, r))
+    return groups
+
+
+def _group_rows(pooled: LawFit, groups, fit_fraction: float, exclude: Sequence[str]) -> list[dict[str, Any]]:
+    rows = group_residuals(pooled, groups)
+    for row in rows:
+        row["excluded"] = row["group"] in exclude
+        members = [(h, r) for _, h, r in groups[row["group"]] if len(h)]
+        fit, fit_err = _try(
+            fit_entropy_law, np.concatenate([h for h, _ in members]), np.concatenate([r for _, r in members])
+        )
+        hold, hold_err = _try(holdout_error, members, fit_fraction)
+        row.update(
+            fit=fit.to_json() if fit else None,
+            fit_error=fit_err,
+            holdout=hold.to_json() if hold else None,
+            holdout_error=hold_err,
+        )
+    return rows
+
+
+def _run_row(run: Run, steps, h, r, key: str, fit_fraction: float, groups) -> dict[str, Any]:
+    fit, fit_err = _try(fit_entropy_law, h, r)
+    hold, hold_err = _try(holdout_error, [(h, r)], fit_fraction)
+    group = next((label for label, members in groups.items() if any(m[0] is run for m in members)), None)
+    return {
+        "name": run.name,
+        "label": run.label,
+        "group": group,
+        "path": str(run.path),
+        "accuracy_key": key,
+        "points": len(h),
+        "steps": [int(steps[0]), int(steps[-1])] if len(steps) else None,
+        "fit": fit.to_json() if fit else None,
+        "fit_error": fit_err,
+        "holdout": hold.to_json() if hold else None,
+        "holdout_error": hold_err,
+    }
+
+
+def _plot_law(
+    data, groups, pooled: LawFit, fit_fraction: float, accuracy_key: str, entropy_key: str, path: Path
+) -> None:
+    """Every run's (H, R) trajectory, coloured by group; filled: the first `fit_fraction` of a run's
+    steps, hollow: the rest. With one run per group (up to 10), each run's own early fit, dashed."""
+    fig = pyplot().figure(figsize=(8, 5.5), layout="constrained")
     ax = fig.add_subplot()
     runs = [run for run, *_ in data]
-    colors = [f"C{i % 10}" for i in range(len(data))]
-    for color, (run, _, h, r, _) in zip(colors, data):
-        if len(h) == 0:
-            continue
-        k = _split(len(h), fit_fraction)
-        ax.scatter(h[:k], r[:k], s=14, color=color, label=_legend_label(run, runs))
-        ax.scatter(h[k:], r[k:], s=14, facecolors="none", edgecolors=color)
-        fit, _ = _try(fit_entropy_law, h[:k], r[:k])
-        if fit is not None:
-            grid = np.linspace(0.0, h.max() * 1.05, 200)
-            ax.plot(grid, fit.predict(grid), color=color, ls="--", lw=1)
+    color_of = {label: f"C{i % 10}" for i, label in enumerate(groups)}
+    per_run_fits = len(data) <= 10 and all(len(m) == 1 for m in groups.values())
+    for label, members in groups.items():
+        color = color_of[label]
+        text = label if not per_run_fits else _legend_label(members[0][0], runs)
+        for i, (_, h, r) in enumerate(members):
+            if len(h) == 0:
+                continue
+            k = _split(len(h), fit_fraction)
+            ax.plot(h, r, color=color, lw=0.6, alpha=0.35)
+            ax.scatter(h[:k], r[:k], s=9, color=color, label=text if i == 0 else None)
+            ax.scatter(h[k:], r[k:], s=9, facecolors="none", edgecolors=color, linewidths=0.7)
+            fit, _ = _try(fit_entropy_law, h[:k], r[:k]) if per_run_fits else (None, None)
+            if fit is not None:
+                grid = np.linspace(0.0, h.max() * 1.05, 200)
+                ax.plot(grid, fit.predict(grid), color=color, ls="--", lw=1)
     grid = np.linspace(0.0, _max_entropy(data) * 1.05, 200)
+    low = min(float(r.min()) for _, _, _, r, _ in data if len(r))
+    high = max(max(float(r.max()) for _, _, _, r, _ in data if len(r)), pooled.ceiling)
+    margin = 0.05 * (high - low or 1.0)
+    ax.set_ylim(low - margin, high + margin)  # the fitted curve keeps falling past the data
     ax.plot(
         grid,
         pooled.predict(grid),
         color="black",
-        lw=1.5,
+        lw=1.8,
         label=f"R = −{pooled.a:.3g}·e^H + {pooled.b:.3g}  (R² {_fmt(pooled.r2)}, ceiling {pooled.ceiling:.3g})",
     )
-    ax.plot([], [], color="gray", ls="--", lw=1, label=f"fit on first {100 * fit_fraction:g}% (hollow: held out)")
+    hollow = f"first {100 * fit_fraction:g}% of each run's steps filled, the rest hollow"
+    ax.plot([], [], color="gray", ls="--" if per_run_fits else "", lw=1, label=hollow)
     ax.set_xlabel(f"policy entropy H ({entropy_key})")
     ax.set_ylabel(accuracy_key)
-    ax.set_title("Entropy–performance law (paper 2)")
+    ax.set_title(f"Entropy–performance law (paper 2): {len(data)} run(s)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     save_figure(fig, path, dpi=150)
 
 
