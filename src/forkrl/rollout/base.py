@@ -164,6 +164,17 @@ Prompts = Sequence[str] | Sequence[Sequence[int]]
 """Prompts as text (tokenized by the backend, no special tokens added) or as lists of token ids."""
 
 
+def prompt_token_ids(tokenizer, prompts: Prompts) -> list[list[int]]:
+    """Token ids of each prompt: text through `tokenizer`, id lists as ints; an empty prompt is refused."""
+    if isinstance(prompts[0], str):
+        ids = tokenizer(list(prompts))["input_ids"]
+    else:
+        ids = [list(map(int, p)) for p in prompts]
+    if any(len(p) == 0 for p in ids):
+        raise ValueError("empty prompt")
+    return ids
+
+
 @runtime_checkable
 class GenerationBackend(Protocol):
     """Something that samples responses from the current policy."""

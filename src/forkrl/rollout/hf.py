@@ -41,7 +41,7 @@ from forkrl.models import compat
 from forkrl.models.loading import unwrap_peft
 from forkrl.models.mode import eval_mode
 from forkrl.models.scoring import prompt_groups, shared_prefix_unsupported
-from forkrl.rollout.base import Prompts, Rollout, SamplingParams, pad_rows
+from forkrl.rollout.base import Prompts, Rollout, SamplingParams, pad_rows, prompt_token_ids
 from forkrl.rollout.decode import decode_tokens
 from forkrl.rollout.entropy_temperature import EntropyAwareTemperature, entropy_of_logits
 from forkrl.rollout.kv_cache import growing_cache
@@ -127,7 +127,7 @@ class HFGenerationBackend:
             raise ValueError("no prompts")
         if params.row_seeds is not None and len(params.row_seeds) != len(prompts):
             raise ValueError(f"{len(params.row_seeds)} row_seeds for {len(prompts)} prompts")
-        prompt_ids = self._tokenize(prompts)
+        prompt_ids = prompt_token_ids(self.tokenizer, prompts)
         device = next(self.model.parameters()).device
         seeded = params.seed is not None or params.row_seeds is not None
         rng = (
@@ -144,15 +144,6 @@ class HFGenerationBackend:
                 seeds = None if params.row_seeds is None else params.row_seeds[i : i + self.batch_size]
                 chunks.append(self._generate_batch(prompt_ids[i : i + self.batch_size], params, device, seeds))
         return chunks[0] if len(chunks) == 1 else Rollout.cat(chunks, self.pad_token_id)
-
-    def _tokenize(self, prompts: Prompts) -> list[list[int]]:
-        if isinstance(prompts[0], str):
-            ids = self.tokenizer(list(prompts))["input_ids"]
-        else:
-            ids = [list(map(int, p)) for p in prompts]
-        if any(len(p) == 0 for p in ids):
-            raise ValueError("empty prompt")
-        return ids
 
     def _generate_batch(
         self, prompts: list[list[int]], params: SamplingParams, device, row_seeds: list[int] | None

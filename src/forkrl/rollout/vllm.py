@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from forkrl.rollout.base import Prompts, Rollout, SamplingParams, pad_rows
+from forkrl.rollout.base import Prompts, Rollout, SamplingParams, pad_rows, prompt_token_ids
 from forkrl.rollout.vllm_compat import preserved_process_state, push_weights, shutdown_engine
 from forkrl.seeding import mix_seed
 
@@ -259,7 +259,7 @@ class VLLMGenerationBackend:
             raise ValueError("no prompts")
         if params.row_seeds is not None and len(params.row_seeds) != len(prompts):
             raise ValueError(f"{len(params.row_seeds)} row_seeds for {len(prompts)} prompts")
-        prompt_ids = self._tokenize(prompts)
+        prompt_ids = prompt_token_ids(self.tokenizer, prompts)
         seeds = params.row_seeds
         if seeds is None:
             base = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
@@ -281,15 +281,6 @@ class VLLMGenerationBackend:
             self._config_dir.cleanup()
 
     # ------------------------------------------------------------------ helpers
-
-    def _tokenize(self, prompts: Prompts) -> list[list[int]]:
-        if isinstance(prompts[0], str):
-            ids = self.tokenizer(list(prompts))["input_ids"]
-        else:
-            ids = [list(map(int, p)) for p in prompts]
-        if any(len(p) == 0 for p in ids):
-            raise ValueError("empty prompt")
-        return ids
 
     def _request_params(self, params: SamplingParams, seed: int):
         from vllm import SamplingParams as VSamplingParams
