@@ -63,7 +63,7 @@ def test_the_steps_loss_is_the_trainers(step, tiny_model_dir, prompts_file, tmp_
     trainer.collector.collect = lambda *a, **k: batches.append(collect(*a, **k)) or batches[-1]
     metrics = trainer.train()
 
-    (batch,) = batches
+    (batch,) = [collected.batch for collected in batches]
     optimizer = torch.optim.AdamW(policy_before.parameters(), lr=cfg.optim.lr)
     policy_before.train()
     loss = step["policy_update"](

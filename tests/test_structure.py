@@ -18,6 +18,7 @@ PACKAGE = SRC / "forkrl"
 MAX_FILE_LINES = 600
 MAX_FUNCTION_LINES = 80
 FUNCTION_LIMITED = ("train", "algo", "rollout", "ops")
+MAX_POSITIONAL_PARAMETERS = 5
 
 
 def module_files() -> dict[str, Path]:
@@ -172,3 +173,28 @@ def test_no_function_of_the_core_packages_is_over_80_lines():
                     if (n := node.end_lineno - first + 1) > MAX_FUNCTION_LINES:
                         long[f"{path.relative_to(SRC)}:{node.name}"] = n
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+def positional_parameters(node: ast.FunctionDef | ast.AsyncFunctionDef) -> list[str]:
+    """The parameters a call may pass by position (`self`/`cls` first not counted; `*args` and
+    keyword-only ones are not positional)."""
+    names = [a.arg for a in (*node.args.posonlyargs, *node.args.args)]
+    return names[1:] if names[:1] in (["self"], ["cls"]) else names
+
+
+def test_positional_parameters_are_counted_without_self():
+    tree = ast.parse("class A:\n    def f(self, a, b, *args, c, d=1): ...\ndef g(a, /, b, c=2): ...")
+    counted = {n.name: positional_parameters(n) for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+    assert counted == {"f": ["a", "b"], "g": ["a", "b", "c"]}
+
+
+def test_no_function_of_train_takes_more_than_5_positional_parameters():
+    """In train/, the recipe's wiring: a part that needs more takes a context object
+    (`forkrl.train.context.TrainContext`) or a dataclass of what it needs."""
+    wide = {}
+    for path in (PACKAGE / "train").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                if len(params := positional_parameters(node)) > MAX_POSITIONAL_PARAMETERS:
+                    wide[f"{path.relative_to(SRC)}:{node.lineno}:{node.name}"] = len(params)
+    assert not wide, f"functions with more than {MAX_POSITIONAL_PARAMETERS} positional parameters: {wide}"

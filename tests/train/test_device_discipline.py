@@ -48,7 +48,7 @@ def test_the_trainer_keeps_every_metric_on_its_device(tiny_model_dir, prompts_fi
     trainer.train()
     names = {name for name, *_ in seen}
     assert {"reward", "groups_sampled", "grad_norm", "tokens_trained", "entropy_p50"} <= names
-    assert all(own == trainer.device == s == c for _, own, s, c in seen)
+    assert all(own == trainer.ctx.device == s == c for _, own, s, c in seen)
 
 
 def test_no_collective_outside_forkrl_distributed():

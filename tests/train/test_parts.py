@@ -214,7 +214,7 @@ def test_span_selection_keeps_the_span_and_counts_it(
     real_collect = trainer.collector.collect
     trainer.collector.collect = lambda *a, **k: batches.append(real_collect(*a, **k)) or batches[-1]
     metrics = trainer.train()
-    batch = batches[0]
+    batch = batches[0].batch
     expected, _ = span_token_mask(
         trainer.tokenizer, batch.rollout.response_ids, batch.rollout.response_mask, pattern,
         "span" if strategy == "span" else region,

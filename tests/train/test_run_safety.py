@@ -173,7 +173,7 @@ def test_concurrent_train_into_one_directory(tiny_model_dir, prompts_file, tmp_p
 
 
 def test_a_save_removes_only_its_own_or_dead_processes_temp_dirs(tmp_path):
-    from tests.train.test_checkpoint import _parts
+    from tests.train.test_checkpoint import _parts, _state
 
     model, tokenizer, optimizer, scheduler = _parts(seed=0)
     root = tmp_path / "checkpoints"
@@ -185,7 +185,7 @@ def test_a_save_removes_only_its_own_or_dead_processes_temp_dirs(tmp_path):
     dead_here = root / f".tmp-step_000005-{host}-{dead.stdout.strip()}"
     for tmp in (live_other, other_host, dead_here):
         tmp.mkdir()
-    save_checkpoint(tmp_path, 1, model, tokenizer, optimizer, scheduler, {})
+    save_checkpoint(tmp_path, 1, model, tokenizer, _state(optimizer, scheduler, {}))
     assert live_other.is_dir() and other_host.is_dir()  # another writer's save in progress is left alone
     assert not dead_here.exists()  # left by a process killed mid-save
 

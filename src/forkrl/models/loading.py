@@ -28,6 +28,7 @@ def load_policy(
     lora_rank: int = 0,
     lora_alpha: float | None = None,
     lora_target_modules: Sequence[str] | str = "all-linear",
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load `(model, tokenizer)` for RL training and generation.
 
@@ -44,15 +45,18 @@ def load_policy(
         lora_rank: > 0 wraps the model with a `peft` LoRA adapter (needs ``pip install forkrl[lora]``).
         lora_alpha: LoRA scaling numerator; defaults to ``2 * lora_rank``.
         lora_target_modules: module names to adapt, or ``"all-linear"``.
+        tokenizer: the model's tokenizer (`load_tokenizer`) when the caller has loaded it already,
+            from the name `check_model_source` returned; then neither is done again here.
 
     The tokenizer is set to left padding (prompts flush against the generated tokens). If it has no
     pad token, EOS is used as pad: that is safe here because rollouts carry an explicit
     `response_mask` and never infer validity from pad ids, and the first EOS stays in the mask.
     """
-    path_str = check_model_source(name_or_path)
+    path_str = check_model_source(name_or_path) if tokenizer is None else os.fspath(name_or_path)
     weights_dtype = precision.weights_dtype(dtype)
 
-    tokenizer = load_tokenizer(path_str, trust_remote_code=trust_remote_code)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(path_str, trust_remote_code=trust_remote_code)
 
     kwargs = {"dtype": weights_dtype}
     if attn_implementation is not None:

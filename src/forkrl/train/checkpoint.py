@@ -34,7 +34,7 @@ import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -77,6 +77,16 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class RNGState:
+    """The process's global RNGs (Python, numpy, torch, CUDA) as a checkpointable part."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return capture_rng_state()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        restore_rng_state(state)
+
+
 def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step:06d}"
 
@@ -108,9 +118,8 @@ def save_checkpoint(
     step: int,
     model: torch.nn.Module,
     tokenizer,
-    optimizer: torch.optim.Optimizer | dict[str, Any],
-    scheduler,
-    trainer_state: dict[str, Any],
+    state: dict[str, Any],
+    *,
     keep: int = 2,
     extra: Callable[[Path], None] | None = None,
     model_state: dict[str, torch.Tensor] | None = None,
@@ -119,7 +128,8 @@ def save_checkpoint(
 
     `model` is the HF model to save in `save_pretrained` format (not the DDP wrapper); with
     `model_state` (e.g. the full state dict gathered from FSDP2 shards) those tensors are written
-    instead of the model's own. `optimizer` is the optimizer or an already gathered state dict.
+    instead of the model's own. `state`: the parts' states by name ("optimizer", "scheduler", "rng",
+    "trainer"; plain values and tensors), written with the step to `trainer_state.pt`.
     `extra(tmp_dir)` may write more files (e.g. a LoRA adapter) before the rename.
     Call on the writing rank only.
     """
@@ -135,16 +145,9 @@ def save_checkpoint(
             tokenizer.save_pretrained(tmp)
             if extra is not None:
                 extra(tmp)
-            state = {
-                "step": step,
-                "optimizer": optimizer if isinstance(optimizer, dict) else optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": capture_rng_state(),
-                "trainer": trainer_state,
-            }
             # Through a Python file: a full disk is then OSError(ENOSPC), not torch's "unexpected pos".
             with open(tmp / "trainer_state.pt", "wb") as f:
-                torch.save(state, f)
+                torch.save({"step": step, **state}, f)
     except BaseException as err:  # atomic_dir removed its temporary directory; earlier checkpoints are intact
         if _out_of_space(err):
             raise CheckpointError(
@@ -309,14 +312,24 @@ def parse_resume_target(target: str | os.PathLike) -> tuple[Path, Path | None]:
     return target, None
 
 
-def select_checkpoint(run_dir: str | os.PathLike, step_dir: Path | None = None):
+class ResumePoint(NamedTuple):
+    """A validated checkpoint to resume from (`select_checkpoint`)."""
+
+    path: Path
+    state: dict[str, Any]
+    """The contents of its `trainer_state.pt`."""
+    shapes: dict[str, list[int]]
+    """Tensor name -> shape of its weights."""
+
+
+def select_checkpoint(run_dir: str | os.PathLike, step_dir: Path | None = None) -> ResumePoint:
     """The checkpoint to resume from, validated: `step_dir` when given (no fallback: it was asked
     for), else the newest valid one of `run_dir`, warning about each corrupt newer one.
-    Returns (path, trainer state, tensor shapes); raises `CheckpointError`."""
+    Raises `CheckpointError`."""
     if step_dir is not None:
         if not step_dir.is_dir():
             raise CheckpointError(f"--resume {step_dir}: no such checkpoint")
-        return (step_dir, *read_checkpoint(step_dir))
+        return ResumePoint(step_dir, *read_checkpoint(step_dir))
     candidates = list_checkpoints(run_dir)
     if not candidates:
         raise CheckpointError(f"--resume {run_dir}: no checkpoint found under {Path(run_dir) / 'checkpoints'}")
@@ -329,7 +342,7 @@ def select_checkpoint(run_dir: str | os.PathLike, step_dir: Path | None = None):
             continue
         if problems:
             print(f"warning: corrupt checkpoint skipped: {'; '.join(problems)}; resuming from {path}", file=sys.stderr)
-        return path, state, shapes
+        return ResumePoint(path, state, shapes)
     raise CheckpointError(f"--resume {run_dir}: every checkpoint is corrupt: {'; '.join(problems)}")
 
 

@@ -7,33 +7,81 @@ not wait for it. Each function here turns what goes wrong into a `ConfigError` n
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from forkrl.config import Config, ConfigError
 from forkrl.models.loading import check_model_source, load_tokenizer
 from forkrl.tasks.data import PromptDataError, PromptExample, load_prompts
 from forkrl.tasks.rewards import RewardComputer, RewardFn, RewardOptionsError, configure_reward, load_reward_fn
 
-__all__ = ["checked_tokenizer", "configured_reward", "load_training_examples", "make_rewarder", "prompt_token_limit"]
+__all__ = [
+    "TrainingInputs",
+    "checked_tokenizer",
+    "configured_reward",
+    "load_inputs",
+    "load_training_examples",
+    "make_rewarder",
+    "checked_model_path",
+    "prompt_token_limit",
+]
 
 
-def checked_tokenizer(cfg: Config):
-    """The policy's tokenizer; a missing local path or a directory without a tokenizer is an error."""
+@dataclass
+class TrainingInputs:
+    """Everything a run reads before its model: each made once per start."""
+
+    model_path: str
+    """`model.name` checked by `check_model_source` (local paths expanded): what the model loads from."""
+    tokenizer: object
+    examples: list[PromptExample]
+    rewarder: RewardComputer
+
+
+def load_inputs(cfg: Config) -> TrainingInputs:
+    """The run's checked inputs: model path, tokenizer, reward (configured once: the data check uses
+    the rewarder's own reward) and training prompts. Raises `ConfigError`/`PromptDataError`."""
+    model_path = checked_model_path(cfg)
+    tokenizer = checked_tokenizer(cfg, model_path)
+    rewarder = make_rewarder(cfg)
+    try:
+        examples = load_training_examples(cfg, tokenizer, rewarder.reward_fn, model_path)
+    except BaseException:
+        rewarder.close()
+        raise
+    return TrainingInputs(model_path, tokenizer, examples, rewarder)
+
+
+def checked_model_path(cfg: Config) -> str:
+    """`model.name` checked before anything loads (`check_model_source`): a local directory that
+    exists, or a Hub id (in the cache when offline)."""
+    try:
+        return check_model_source(cfg.model.name)
+    except OSError as err:
+        raise ConfigError(f"model.name = {cfg.model.name!r}: {err}") from err
+
+
+def checked_tokenizer(cfg: Config, model_path: str | None = None):
+    """The policy's tokenizer; a missing local path or a directory without a tokenizer is an error.
+    `model_path`: `checked_model_path(cfg)` when the caller has it."""
     name = cfg.model.name
     try:
-        return load_tokenizer(check_model_source(name), trust_remote_code=cfg.model.trust_remote_code)
+        path = model_path or check_model_source(name)
+        return load_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError) as err:  # OSError: what transformers raises for a missing Hub repo
         raise ConfigError(f"model.name = {name!r}: {err}") from err
 
 
-def prompt_token_limit(cfg: Config) -> int | None:
+def prompt_token_limit(cfg: Config, model_path: str | None = None) -> int | None:
     """`data.max_prompt_tokens`, or by default the model's maximum positions minus
-    `rollout.max_new_tokens` (None when the model declares no maximum)."""
+    `rollout.max_new_tokens` (None when the model declares no maximum). `model_path`:
+    `checked_model_path(cfg)` when the caller has it."""
     if cfg.data.max_prompt_tokens is not None:
         return cfg.data.max_prompt_tokens
     from transformers import AutoConfig
 
     try:
         model_cfg = AutoConfig.from_pretrained(
-            check_model_source(cfg.model.name), trust_remote_code=cfg.model.trust_remote_code
+            model_path or check_model_source(cfg.model.name), trust_remote_code=cfg.model.trust_remote_code
         )
     except (OSError, ValueError) as err:
         raise ConfigError(f"model.name = {cfg.model.name!r}: cannot read its config ({err})") from err
@@ -50,16 +98,19 @@ def prompt_token_limit(cfg: Config) -> int | None:
     return limit
 
 
-def load_training_examples(cfg: Config, tokenizer) -> list[PromptExample]:
+def load_training_examples(
+    cfg: Config, tokenizer, reward: RewardFn | None = None, model_path: str | None = None
+) -> list[PromptExample]:
     """Every training prompt, rendered, cut to `data.max_prompts`, without the over-long ones
-    (counted in the log); raises when none is left.
+    (counted in the log); raises when none is left. `reward`: the configured reward (configured
+    here when not given); `model_path`: as in `prompt_token_limit`.
 
     A reward that checks its data (`check_source(source, answer_key)`, e.g. the forecast rewards:
     every row has a 0/1 outcome) checks each training file after it is read, before the length
     filter and the model: a bad row is a `PromptDataError` naming the file, the row and the key.
     """
     d = cfg.data
-    check_source = getattr(configured_reward(cfg), "check_source", None)
+    check_source = getattr(reward if reward is not None else configured_reward(cfg), "check_source", None)
     examples: list[PromptExample] = []
     for i, source in enumerate(d.train_files):
         try:
@@ -76,7 +127,7 @@ def load_training_examples(cfg: Config, tokenizer) -> list[PromptExample]:
         examples = examples[: d.max_prompts]
     if not examples:
         raise ConfigError(f"data.train_files = {d.train_files}: no training prompts")
-    limit = prompt_token_limit(cfg)
+    limit = prompt_token_limit(cfg, model_path)
     if limit is not None:
         # One batched tokenizer call (fast tokenizers run it in Rust over all prompts).
         lengths = [len(ids) for ids in tokenizer([ex.prompt for ex in examples], add_special_tokens=False)["input_ids"]]

@@ -8,7 +8,6 @@ import math
 import torch
 
 from forkrl.config import OptimConfig
-from forkrl.metrics import MetricSums
 
 
 def build_optimizer(params: list[torch.nn.Parameter], o: OptimConfig, total_updates: int):
@@ -32,12 +31,11 @@ def lr_factor(i: int, warmup: int, total: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def clipped_step(
-    params: list[torch.nn.Parameter], optimizer, scheduler, grad_clip: float, stats: MetricSums, world: int
-) -> bool:
+def clipped_step(params: list[torch.nn.Parameter], optimizer, scheduler, grad_clip: float) -> torch.Tensor | None:
     """Clip the global gradient norm to `grad_clip` (0: no clipping) and step, unless the norm is
-    NaN/inf; zero the gradients either way. Returns whether the step was taken. One host sync: the
-    skip decision (identical on every rank after the gradient all-reduce)."""
+    NaN/inf; zero the gradients either way. Returns the (pre-clipping) gradient norm of a step
+    taken, None for one skipped. One host sync: the skip decision (identical on every rank after
+    the gradient all-reduce)."""
     clip = grad_clip if grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
     if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
@@ -46,8 +44,5 @@ def clipped_step(
     if finite:
         optimizer.step()
         scheduler.step()
-        stats.add("grad_norm", grad_norm, 1)
-    else:
-        stats.add("skipped_updates", torch.tensor(1.0 / world), None)
     optimizer.zero_grad(set_to_none=True)
-    return finite
+    return grad_norm if finite else None

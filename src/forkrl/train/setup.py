@@ -22,8 +22,10 @@ from forkrl.config import Config, ConfigError
 from forkrl.models import precision
 from forkrl.models.loading import load_policy
 from forkrl.models.scoring import ResponseScorer
-from forkrl.train.checkpoint import CheckpointError, check_shapes
+from forkrl.train.checkpoint import CheckpointError, ResumePoint, check_shapes
+from forkrl.train.context import TrainContext
 from forkrl.train.fsdp import gathered, shard_scorer
+from forkrl.train.inputs import TrainingInputs
 
 
 class SetupError(RuntimeError):
@@ -107,18 +109,21 @@ class PolicyModels:
 
 
 def load_models(
-    cfg: Config, device: torch.device, world: int, resume_path: Path | None = None, resume_shapes=None
+    cfg: Config, ctx: TrainContext, inputs: TrainingInputs, resume: ResumePoint | None = None
 ) -> PolicyModels:
-    """Load the policy (and reference), put the checkpoint's weights in, then wrap for `world` processes."""
-    m = cfg.model
+    """Load the policy (and reference) from `inputs.model_path` with the run's tokenizer, put the
+    checkpoint's weights in, then wrap for `ctx.world` processes."""
+    m, device, world = cfg.model, ctx.device, ctx.world
     dtype = precision.weights_dtype(m.dtype)
     common = dict(
         dtype=str(dtype).removeprefix("torch."),
         device=device,
         trust_remote_code=m.trust_remote_code,
         attn_implementation=m.attn_implementation,
+        tokenizer=inputs.tokenizer,
     )
     model, tokenizer = _load(
+        inputs.model_path,
         m.name,
         **common,
         gradient_checkpointing=m.gradient_checkpointing,
@@ -128,16 +133,16 @@ def load_models(
     )
     ref_model = None
     if cfg.loss.ref_kl_coef > 0 and not m.lora_rank:
-        ref_model, _ = _load(m.name, **common)
+        ref_model, _ = _load(inputs.model_path, m.name, **common)
         ref_model.eval().requires_grad_(False)
     # The checkpoint's weights go in before any wrapping (FSDP2 then shards them).
-    if resume_path is not None:
+    if resume is not None:
         expected = {k: v.shape for k, v in model.state_dict().items()}
         try:
-            check_shapes(resume_path, resume_shapes, expected)
+            check_shapes(resume.path, resume.shapes, expected)
         except CheckpointError as err:
             raise SetupError(str(err)) from err
-        load_weights(model, resume_path, bool(m.lora_rank), device)
+        load_weights(model, resume.path, bool(m.lora_rank), device)
     policy_scorer = ResponseScorer(model)
     ref_scorer = ResponseScorer(ref_model) if ref_model is not None else None
     sharded = world > 1 and cfg.trainer.strategy == "fsdp2"
@@ -164,9 +169,9 @@ def load_models(
     )
 
 
-def _load(name: str, **kwargs):
+def _load(source: str, name: str, **kwargs):
     try:
-        return load_policy(name, **kwargs)
+        return load_policy(source, **kwargs)
     except (OSError, ValueError, ImportError) as err:  # a missing repo or file, a bad dtype, no peft
         raise ConfigError(f"model.name = {name!r}: {err}") from err
 

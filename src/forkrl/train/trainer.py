@@ -44,18 +44,25 @@ from forkrl.extras import check_config_extras
 from forkrl.metrics import MetricSums
 from forkrl.rollout.base import Rollout
 from forkrl.rollout.registry import BackendContext, build_backend, get_backend
-from forkrl.tasks.data import PromptSampler
-from forkrl.train.checkpoint import CheckpointError, all_finite, parse_resume_target, select_checkpoint
+from forkrl.train.checkpoint import (
+    CheckpointError,
+    ResumePoint,
+    RNGState,
+    all_finite,
+    parse_resume_target,
+    select_checkpoint,
+)
 from forkrl.train.collect import BatchCollector, RewardFailures
-from forkrl.train.evaluation import evaluate_during_training
-from forkrl.train.inputs import checked_tokenizer, load_training_examples, make_rewarder
+from forkrl.train.context import TrainContext
+from forkrl.train.evaluation import Evaluator
+from forkrl.train.inputs import load_inputs
 from forkrl.train.logging import RunLogger
 from forkrl.train.optim import build_optimizer
 from forkrl.train.progress import Progress
 from forkrl.train.run_dir import RunDirectory
 from forkrl.train.setup import SetupError, init_distributed, load_models
 from forkrl.train.signals import GracefulStop
-from forkrl.train.state import restore_training_state, save_training_state
+from forkrl.train.state import Checkpointer, OptimizerState
 from forkrl.train.update import PolicyUpdater
 
 PERCENTILES = tuple(range(0, 101, 10))
@@ -78,76 +85,64 @@ class Trainer:
         self.cfg = cfg
         fast_paths.reset()  # this run's record of the fast paths it used or declined
         try:
-            self.rank, self.world, self.device = init_distributed(cfg.trainer.device)
+            rank, world, device = init_distributed(cfg.trainer.device)
         except SetupError as err:
             raise TrainingStopped(str(err)) from err
-        self.is_main = self.rank == 0
-        self.run_dir = Path(cfg.output_dir)
-        self._check_divisible()
+        group = torch.distributed.group.WORLD if is_distributed() else None
+        self.ctx = TrainContext.create(cfg, rank, world, device, group)
         check_config_extras(cfg)  # wandb, peft, vllm: before the model loads and anything is written
-        self.group = torch.distributed.group.WORLD if is_distributed() else None
-        self.run = run_dir or RunDirectory(cfg.output_dir, "resume" if resume_from is not None else "new")
-        if self.is_main and run_dir is None:
-            self.run.check()
-        resume_path = resume_state = resume_shapes = None
-        if resume_from is not None:
-            resume_path, resume_state, resume_shapes = self._select_checkpoint(resume_from)
-        self.tokenizer = checked_tokenizer(cfg)
-        self.examples = load_training_examples(cfg, self.tokenizer)
-        self.rewarder = make_rewarder(cfg)
+        self.run_dir = run_dir or RunDirectory(cfg.output_dir, "resume" if resume_from is not None else "new")
+        if self.ctx.is_main and run_dir is None:
+            self.run_dir.check()
+        resume = self._select_checkpoint(resume_from) if resume_from is not None else None
+        inputs = load_inputs(cfg)
+        self.tokenizer, self.rewarder = inputs.tokenizer, inputs.rewarder
 
         torch.manual_seed(cfg.seed)
         try:
-            self.models = load_models(cfg, self.device, self.world, resume_path, resume_shapes)
+            self.models = load_models(cfg, self.ctx, inputs, resume)
         except SetupError as err:
             raise TrainingStopped(str(err)) from err
-        self.model, self.tokenizer = self.models.model, self.models.tokenizer
+        self.model = self.models.model
+        self.backend_caps = get_backend(cfg.rollout.backend).capabilities
         self.backend = self._build_backend()
         # `auto` becomes the backend's own choice, and config.yaml records the one used.
         cfg.loss.rollout_correction = resolve_rollout_correction(
             cfg.loss.rollout_correction, self.backend_caps.rollout_correction
         )
-        o, r = cfg.optim, cfg.rollout
-        updates_per_step = (r.prompts_per_step // o.mini_batch_size) * o.epochs
         self.optimizer, self.scheduler = build_optimizer(
-            self.models.trainable_parameters(), o, cfg.trainer.total_steps * updates_per_step
+            self.models.trainable_parameters(), cfg.optim, cfg.trainer.total_steps * self.ctx.updates_per_step
         )
-        self.sampler = PromptSampler(len(self.examples), cfg.seed, self.rank, self.world)
-        self.collector = BatchCollector(
-            cfg, self.backend, self.backend_caps.row_seeds, self.tokenizer, self.rewarder, self.examples,
-            self.sampler, self.rank, self.world, self.device,
-        )  # fmt: skip
+        self.collector = BatchCollector(cfg, self.ctx, inputs, self.backend, row_seeds=self.backend_caps.row_seeds)
         self.updater = PolicyUpdater(
-            cfg, self.models, self.optimizer, self.scheduler, self.device, self.rank, self.world, self.group,
-            self._after_optimizer_step,
-        )  # fmt: skip
+            cfg, self.ctx, self.models, self.optimizer, self.scheduler, on_optimizer_step=self._after_optimizer_step
+        )
+        engine = self.backend if self.backend_caps.holds_weights else None
+        self.evaluator = Evaluator(cfg, self.ctx, self.models, self.run_dir.path, engine)
         self.step = self.bad_steps = 0
         self.bad_cause = ""
-        if resume_path is not None:
-            restored = restore_training_state(self.models, self.optimizer, self.scheduler, resume_state)
-            self.step = restored["step"]
-            self.sampler.load_state_dict(restored["trainer"]["sampler"])
-            self.bad_steps = restored["trainer"].get("bad_steps", 0)
+        # What a checkpoint holds besides the weights, each part by its name in trainer_state.pt.
+        parts = {
+            "optimizer": OptimizerState(self.models, self.optimizer),
+            "scheduler": self.scheduler,
+            "rng": RNGState(),
+            "trainer": self,  # sampler position, bad-step count (`state_dict`)
+        }
+        self.checkpointer = Checkpointer(
+            self.models, self.run_dir.path, parts, keep=cfg.trainer.keep_checkpoints, is_main=self.ctx.is_main
+        )
+        if resume is not None:
+            self.step = self.checkpointer.load(resume.state)
         self.stop = GracefulStop()
         self.logger = None
-        if self.is_main:
-            self.run.prepare(dump_config(cfg), resume_step=self.step if resume_path is not None else None)
-            self.logger = RunLogger(self.run_dir, cfg.trainer.tensorboard, cfg.trainer.wandb_project)
+        if self.ctx.is_main:
+            self.run_dir.prepare(dump_config(cfg), resume_step=self.step if resume is not None else None)
+            self.logger = RunLogger(self.run_dir.path, cfg.trainer.tensorboard, cfg.trainer.wandb_project)
 
     # ------------------------------------------------------------------ setup helpers
 
-    def _check_divisible(self) -> None:
-        r, o = self.cfg.rollout, self.cfg.optim
-        for key, value in (
-            ("rollout.prompts_per_step", r.prompts_per_step),
-            ("optim.mini_batch_size", o.mini_batch_size),
-            ("rollout.prompts_per_round", r.prompts_per_round),
-        ):
-            if value % self.world:
-                raise TrainingStopped(f"{key} = {value} must be divisible by the number of processes ({self.world})")
-
-    def _select_checkpoint(self, resume_from: str | os.PathLike):
-        """(path, trainer state, tensor shapes) of the validated checkpoint to resume from."""
+    def _select_checkpoint(self, resume_from: str | os.PathLike) -> ResumePoint:
+        """The validated checkpoint to resume from."""
         run_dir, step_dir = parse_resume_target(resume_from)
         try:
             return select_checkpoint(run_dir, step_dir)
@@ -163,9 +158,8 @@ class Trainer:
             with models.autocast(), models.full_weights():
                 yield
 
-        self.backend_caps = get_backend(self.cfg.rollout.backend).capabilities
         ctx = BackendContext(
-            self.model, self.tokenizer, self.cfg.model.name, self.cfg.rollout, self.device, forward_context,
+            self.model, self.tokenizer, self.cfg.model.name, self.cfg.rollout, self.ctx.device, forward_context,
             weights=lambda: models.full_state_dict().items(), seed=self.cfg.seed,
         )  # fmt: skip
         # Built after the checkpoint's weights went in: an engine's first push is the resumed policy.
@@ -173,19 +167,23 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
+    def state_dict(self) -> dict:
+        """The trainer's own part of a checkpoint ("trainer" in trainer_state.pt)."""
+        return {"sampler": self.collector.sampler.state_dict(), "bad_steps": self.bad_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.collector.sampler.load_state_dict(state["sampler"])
+        self.bad_steps = state.get("bad_steps", 0)
+
     def save(self) -> Path | None:
         """Checkpoint the current step (every process calls; the main one writes and returns the path)."""
         if not self._weights_finite():
             raise TrainingStopped(
                 f"the weights hold NaN/inf after step {self.step} and were not checkpointed "
-                f"(earlier checkpoints under {self.run_dir / 'checkpoints'} are intact); lower optim.lr "
+                f"(earlier checkpoints under {self.run_dir.path / 'checkpoints'} are intact); lower optim.lr "
                 "or check the loss"
             )
-        return save_training_state(
-            self.models, self.optimizer, self.scheduler, self.run_dir, self.step,
-            {"sampler": self.sampler.state_dict(), "bad_steps": self.bad_steps},
-            self.cfg.trainer.keep_checkpoints, self.is_main,
-        )  # fmt: skip
+        return self.checkpointer.save(self.step)
 
     def _weights_finite(self) -> bool:
         """No NaN/inf in any trainable weight, on any process (one collective when distributed)."""
@@ -200,7 +198,7 @@ class Trainer:
     def train(self) -> dict[str, float]:
         """Run to `trainer.total_steps` and return the last step's metrics. A SIGTERM/SIGINT ends
         the run after the step in progress, checkpointed (`TrainingInterrupted`)."""
-        progress = Progress(self.is_main, self.cfg.trainer.total_steps, self.step)
+        progress = Progress(self.ctx.is_main, self.cfg.trainer.total_steps, self.step)
         last: dict[str, float] = {}
         try:
             with self.stop:
@@ -218,32 +216,35 @@ class Trainer:
         """One step of the recipe; returns (and logs) its metrics."""
         cfg = self.cfg
         t_step = time.perf_counter()
-        timings = {"generate_s": 0.0, "reward_s": 0.0, "old_logprobs_s": 0.0, "update_s": 0.0}
-        stats = MetricSums(self.device)
+        stats = MetricSums(self.ctx.device)
         log_samples = None
         if self.logger is not None:
             log_samples = lambda rows: self.logger.log_samples(self.step + 1, rows)  # noqa: E731
         try:
-            batch = self.collector.collect(self.step + 1, timings, stats, log_samples)
+            collected = self.collector.collect(self.step + 1, stats, log_samples)
         except RewardFailures as err:
             raise TrainingStopped(str(err)) from err
         self.step += 1
+        batch = collected.batch
+        timings = {"generate_s": collected.generate_s, "reward_s": collected.reward_s}
+        timings.update(old_logprobs_s=0.0, update_s=0.0)
         if batch is not None:
-            old_entropy = self.updater.update(batch, self.step, timings, stats)
+            update = self.updater.update(batch, self.step, stats)
+            timings.update(old_logprobs_s=update.old_logprobs_s, update_s=update.update_s)
             self.backend.update_weights(self.model)
             sampler_entropy = batch.rollout.sampler_entropy
-            _add_entropy_percentiles(stats, old_entropy if sampler_entropy is None else sampler_entropy, batch.rollout)
+            entropy = update.old_entropy if sampler_entropy is None else sampler_entropy
+            _add_entropy_percentiles(stats, entropy, batch.rollout)
             stats.add("tokens_trained", batch.rollout.response_mask.sum().float(), None)
-        metrics = stats.compute(self.group)
+        metrics = stats.compute(self.ctx.group)
         step_s = time.perf_counter() - t_step
         generated = metrics.get("response_length", 0.0) * metrics.get("groups_sampled", 0.0) * cfg.rollout.group_size
         metrics.update(timings)
         metrics.update({"step_s": step_s, "tokens_per_s": generated / step_s, "lr": self.scheduler.get_last_lr()[0]})
         if batch is None:
             metrics["skipped_no_informative_groups"] = 1.0
-        if cfg.trainer.eval_every and cfg.data.eval_files and self.step % cfg.trainer.eval_every == 0:
-            engine = self.backend if self.backend_caps.holds_weights else None
-            metrics.update(evaluate_during_training(self.models, cfg, self.run_dir, self.step, self.is_main, engine))
+        if self.evaluator.due(self.step):
+            metrics.update(self.evaluator.evaluate(self.step))
         metrics.update(fast_paths.step_flags())  # fast_path/<name>: 1 used, 0 declined (warned once)
         if self.logger is not None:
             self.logger.log(self.step, metrics)
@@ -267,7 +268,7 @@ class Trainer:
             raise TrainingInterrupted(
                 signum,
                 f"stopped by {signal.Signals(signum).name} after step {self.step}; checkpoint saved at "
-                f"{path or self.run_dir}; continue with: forkrl train --resume {self.run_dir}",
+                f"{path or self.run_dir.path}; continue with: forkrl train --resume {self.run_dir.path}",
             )
 
     def _after_optimizer_step(self, taken: bool) -> None:
@@ -286,7 +287,7 @@ class Trainer:
             raise TrainingStopped(
                 f"{self.bad_steps} consecutive {self.bad_cause}; stopping "
                 f"(trainer.max_bad_steps = {self.cfg.trainer.max_bad_steps}). "
-                f"The weights are those of the last good step, saved at {path or self.run_dir}."
+                f"The weights are those of the last good step, saved at {path or self.run_dir.path}."
             )
 
     def close(self) -> None:
