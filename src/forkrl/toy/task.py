@@ -131,7 +131,7 @@ class ToyTask:
         raise NotImplementedError
 
     def measure(self, model, tokenizer, data: Any, cfg: Config, seed: int, out: Path, when: str) -> Any:
-        """Sample the held-out set with `model` (`when`: "before" or "after" training)."""
+        """Measure `model` on the held-out set (`when`: "before" or "after" training)."""
         raise NotImplementedError
 
     def measurement_line(self, measured: Any) -> str:
