@@ -283,7 +283,7 @@ def toy_build(
         "countdown", "--task", help="countdown (noisy solver traces) or forecast (over-confident forecasts)."
     ),
     steps: int = typer.Option(None, "--steps", help="Supervised steps (default: the shipped model's)."),
-    num_traces: int = typer.Option(None, "--num-traces", help="Traces to fit (default 60000; forecast 30000)."),
+    num_traces: int = typer.Option(None, "--num-traces", help="Traces to fit (default 60000)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT."),
 ) -> None:
     """Rebuild a toy base model from scratch: supervised training on a noisy Countdown solver's traces,
