@@ -254,36 +254,21 @@ def demo(
     """RLVR end to end on CPU on a toy task (Countdown or forecasting): before/after table, plots, report."""
     from transformers.utils import logging as hf_logging
 
-    if task not in ("countdown", "forecast"):
-        raise typer.BadParameter(f"--task must be countdown or forecast, got {task!r}")
+    toy = _toy_task(task)
     hf_logging.disable_progress_bar()  # the model is tiny; load/save bars would only clutter the table
     with user_errors(ValueError):  # the toy's own checks (e.g. --ratio) raise ValueError
-        if task == "forecast":
-            from forkrl.toy.forecast_demo import NUM_EVAL_ROWS, run_forecast_demo
+        from forkrl.toy.task import run_toy_demo
 
-            run_forecast_demo(
-                steps=100 if steps is None else steps,
-                strategy=strategy,  # None: the recipe's
-                ratio=ratio,
-                seed=seed,
-                out=out or "runs/demo_forecast",
-                base_model=base_model,
-                eval_rows=NUM_EVAL_ROWS if eval_problems is None else eval_problems,
-                overrides=overrides or [],
-            )
-            return
-        from forkrl.toy.demo import run_demo
+        run_toy_demo(toy, steps, strategy, ratio, seed, out, base_model, eval_problems, overrides or [])
 
-        run_demo(
-            steps=50 if steps is None else steps,
-            strategy="top" if strategy is None else strategy,
-            ratio=0.2 if ratio is None else ratio,
-            seed=seed,
-            out=out or "runs/demo",
-            base_model=base_model,
-            eval_problems=256 if eval_problems is None else eval_problems,
-            overrides=overrides or [],
-        )
+
+def _toy_task(name: str):
+    """The registered toy task `name` (`forkrl.toy.task.TOY_TASKS`); a usage error naming them otherwise."""
+    from forkrl.toy.task import TOY_TASKS, toy_task
+
+    if name not in TOY_TASKS:
+        raise typer.BadParameter(f"--task must be {' or '.join(TOY_TASKS)}, got {name!r}")
+    return toy_task(name)
 
 
 toy_app = typer.Typer(help="The embedded toy task and its base model.", no_args_is_help=True)
@@ -298,20 +283,16 @@ def toy_build(
         "countdown", "--task", help="countdown (noisy solver traces) or forecast (over-confident forecasts)."
     ),
     steps: int = typer.Option(None, "--steps", help="Supervised steps (default: the shipped model's)."),
-    num_traces: int = typer.Option(None, "--num-traces", help="Traces to fit (default 60000; forecast 30000)."),
+    num_traces: int = typer.Option(None, "--num-traces", help="Traces to fit (default 60000)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT."),
 ) -> None:
     """Rebuild a toy base model from scratch: supervised training on a noisy Countdown solver's traces,
     or (--task forecast) on deliberately over-confident forecasts of synthetic games."""
-    if task not in ("countdown", "forecast"):
-        raise typer.BadParameter(f"--task must be countdown or forecast, got {task!r}")
-    if task == "forecast":
-        from forkrl.toy.forecast_build import forecast_build_command as build_command
-    else:
-        from forkrl.toy.build import toy_build_command as build_command
+    from forkrl.toy.task import build_command
 
+    toy = _toy_task(task)
     extra = {k: v for k, v in (("steps", steps), ("num_traces", num_traces)) if v is not None}
-    build_command(seed, out, overwrite=overwrite, **extra)
+    build_command(toy, seed, out, overwrite=overwrite, **extra)
 
 
 config_app = typer.Typer(help="Inspect training configs.", no_args_is_help=True)

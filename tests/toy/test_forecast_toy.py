@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 
 from forkrl.cli import app
 from forkrl.tasks.forecast import MatchUp, TraceSettings, forecast_trace, generate_rows
-from forkrl.toy.build import BUILD_INFO_FILE
 from forkrl.toy.forecast_build import _encode, build_forecast_model, build_forecast_tokenizer
 from forkrl.toy.forecast_demo import SHIPPED_FORECAST_MODEL, forecast_sweep_setup
+from forkrl.toy.task import BUILD_INFO_FILE
 
 
 def test_tokenizer_makes_the_forecast_one_token():

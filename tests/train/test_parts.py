@@ -1,18 +1,29 @@
-"""Selection strategies and generation backends are registered parts: a test module adds one of
-each and trains with it without touching `src/`; `random` selection runs no scoring pass."""
+"""Selection strategies, generation backends and toy tasks are registered parts: a test module adds
+one of each and trains with it without touching `src/`; `random` selection runs no scoring pass."""
 
+import json
 import math
+import random
+from dataclasses import dataclass
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from typer.testing import CliRunner
 
 from forkrl.algo.selection import SCOPES
+from forkrl.cli import app
 from forkrl.config import ConfigError, load_config
+from forkrl.models.loading import load_policy
 from forkrl.models.scoring import ResponseScorer
+from forkrl.models.tiny import build_tiny_tokenizer
 from forkrl.ops.token_ranking import STRATEGIES, register_strategy
 from forkrl.rollout.hf import HFGenerationBackend
 from forkrl.rollout.registry import BACKENDS, BackendCapabilities, register_backend
+from forkrl.tasks.rewards import REWARD_FUNCTIONS, register_reward
+from forkrl.toy.supervised import ToyBuildSettings, TraceSequence, collate_sequences
+from forkrl.toy.task import TOY_CHAT_TEMPLATE, TOY_TASKS, DemoReport, ToyTask, register_toy_task
 from forkrl.train.trainer import Trainer, run_training
 from tests.train.conftest import tiny_overrides
 
@@ -230,3 +241,172 @@ def test_span_selection_keeps_the_span_and_counts_it(
         assert [int(k.sum()) for k, _, _ in seen] == [math.ceil(0.5 * n) for n in per_micro]
         assert seen[0][2] == sum(math.ceil(0.5 * n) for n in per_micro)
     assert 0 < metrics["span_found_frac"] <= 1
+
+
+# ---------------------------------------------------------------------------- a third toy task
+
+
+@dataclass
+class CopyConfig(ToyBuildSettings):
+    """The `copy` toy at test size: a few seconds to build on one core."""
+
+    num_traces: int = 64
+    digits: int = 3
+    """Digits per prompt; the response repeats them."""
+    hidden_size: int = 32
+    num_layers: int = 1
+    num_heads: int = 2
+    num_kv_heads: int = 1
+    intermediate_size: int = 64
+    max_position_embeddings: int = 64
+    steps: int = 6
+    batch_size: int = 8
+    warmup_steps: int = 2
+    threads: int = 1
+    log_every: int = 3
+    eval_rows: int = 8
+    """Held-out prompts scored teacher-forced (mean log-prob of their copies)."""
+
+
+def copy_rows(n: int, seed: int, digits: int = 3) -> list[dict]:
+    rng = random.Random(f"copy:{seed}")
+    rows = []
+    for _ in range(n):
+        answer = " ".join(str(rng.randrange(10)) for _ in range(digits))
+        rows.append({"question": f"copy {answer}", "answer": answer})
+    return rows
+
+
+def encode_copies(tokenizer, rows: list[dict]) -> list[TraceSequence]:
+    """prompt + the exact copy + EOS per row; the digits are the choice tokens."""
+    seqs = []
+    for row in rows:
+        prompt = tokenizer(row["question"] + "\n", add_special_tokens=False)["input_ids"]
+        response = tokenizer(row["answer"], add_special_tokens=False)["input_ids"]
+        choice = [tokenizer.convert_ids_to_tokens(t).isdigit() for t in response] + [False]
+        seqs.append(TraceSequence(prompt + response + [tokenizer.eos_token_id], len(prompt), choice))
+    return seqs
+
+
+@torch.no_grad()
+def copy_logprob(model, tokenizer, rows: list[dict]) -> float:
+    """Mean log-probability per token of the exact copies (+ EOS), teacher-forced."""
+    input_ids, attention_mask, labels = collate_sequences(encode_copies(tokenizer, rows), tokenizer.pad_token_id)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
+    return -torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()).item()
+
+
+def copied_fraction(completion: str, example) -> float:
+    """Reward: the share of the answer's digits that the completion holds (in any place: partial credit
+    that a random model already earns now and then, so a group's rewards differ)."""
+    want, got = example.answer.split(), completion.split()
+    return sum(min(want.count(d), got.count(d)) for d in set(want)) / len(want)
+
+
+@pytest.fixture
+def copy_toy():
+    """`copy`: repeat the prompt's digits. Every hook of `ToyTask`, declared here and nowhere else."""
+
+    register_reward("copied_fraction", copied_fraction)
+
+    @register_toy_task("copy")
+    class CopyTask(ToyTask):
+        config_class = CopyConfig
+        shipped_model = None  # none shipped: `forkrl demo --task copy` needs --base-model
+        demo_steps = 1
+        demo_eval = 8
+
+        def tokenizer(self, config):
+            vocab = ["copy", " ", "\n", *"0123456789"]
+            return build_tiny_tokenizer(vocab, chat_template=TOY_CHAT_TEMPLATE, model_max_length=64)
+
+        def training_traces(self, config, tokenizer):
+            rows = copy_rows(config.num_traces, config.seed, config.digits)
+            return encode_copies(tokenizer, rows), {"traces": {"num_traces": len(rows)}}
+
+        def evaluate(self, model, tokenizer, config):
+            rows = copy_rows(config.eval_rows, 1234, config.digits)
+            return {"eval": {"num_rows": len(rows), "logprob": copy_logprob(model, tokenizer, rows)}}
+
+        def headline(self, info):
+            return f", held-out log-prob {info['eval']['logprob']:.3f}"
+
+        def demo_data(self, seed, base, num_eval):
+            return {"train": copy_rows(16, seed), "test": copy_rows(num_eval, 1234)}
+
+        def demo_recipe(self, seed, output_dir, train_file, base):
+            return {
+                "seed": seed,
+                "output_dir": str(output_dir),
+                "model": {"name": str(base), "dtype": "float32"},
+                "data": {"train_files": [str(train_file)], "template": "{question}\n"},
+                "reward": {"function": "copied_fraction", "overlong_shaping": False},
+                "rollout": {"prompts_per_step": 2, "group_size": 4, "max_new_tokens": 8, "dynamic_sampling": False},
+                "selection": {"strategy": "top", "ratio": 0.5},
+                "optim": {"lr": 1e-3, "mini_batch_size": 2, "micro_batch_size": 4},
+                "trainer": {"save_every": 0, "tensorboard": False, "device": "cpu"},
+            }
+
+        def write_demo_data(self, data_dir, data, cfg):
+            for split in ("train", "test"):
+                (data_dir / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data[split]))
+
+        def measure(self, model, tokenizer, data, cfg, seed, out, when):
+            return copy_logprob(model, tokenizer, data["test"])
+
+        def measurement_line(self, measured):
+            return f"log-prob {measured:.4f}"
+
+        def report(self, run, before, after):
+            kept = run.last_metrics["kept_frac"]
+            table = f"| log-prob of the copy | {before:.4f} | {after:.4f} |\n| kept fraction | | {kept:.3f} |"
+            summary = {"seed": run.seed, "steps": run.steps, "seconds": run.seconds(), "before": before,
+                       "after": after, "kept_frac": kept, **run.environment()}  # fmt: skip
+            return DemoReport(summary, f"# copy\n\n{table}\n", table)
+
+    yield CopyTask
+    del TOY_TASKS["copy"], REWARD_FUNCTIONS["copied_fraction"]
+
+
+def test_a_toy_task_registered_in_a_test_builds_and_runs_its_demo(tmp_path, copy_toy):
+    runner = CliRunner()
+    model_dir, out = tmp_path / "copy_model", tmp_path / "demo"
+    result = runner.invoke(app, ["toy", "build", "--task", "copy", "--seed", "3", "--out", str(model_dir)])
+    assert result.exit_code == 0, result.output
+
+    # The build: an ordinary HF directory of the config's sizes, its record, the toy's own tokenizer.
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    assert type(model).__name__ == "Qwen3ForCausalLM" and model.config.hidden_size == 32
+    assert tokenizer.convert_ids_to_tokens(tokenizer("copy 4 2\n")["input_ids"]) == ["copy", " ", "4", " ", "2", "\n"]
+    info = json.loads((model_dir / "toy_build.json").read_text())
+    assert list(info)[:3] == ["task", "config", "num_parameters"] and info["task"] == "copy"
+    assert info["config"]["seed"] == 3 and info["config"]["digits"] == 3
+    assert list(info["config"])[:2] == ["seed", "num_traces"]
+    assert info["num_parameters"] == sum(p.numel() for p in model.parameters())
+    assert info["traces"] == {"num_traces": 64} and [p["step"] for p in info["loss_curve"]] == [3, 6]
+    test_rows = copy_rows(8, 1234)
+    assert info["eval"]["num_rows"] == 8 and info["eval"]["logprob"] == pytest.approx(
+        copy_logprob(model, tokenizer, test_rows), rel=1e-5
+    )
+    assert f"held-out log-prob {info['eval']['logprob']:.3f}" in result.output
+
+    # The demo: measure, train one step, measure, report.
+    result = runner.invoke(
+        app, ["demo", "--task", "copy", "--base-model", str(model_dir), "--out", str(out), "--eval-problems", "8"]
+    )
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line) for line in (out / "data" / "train.jsonl").read_text().splitlines()] == copy_rows(16, 0)
+    metrics = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1] and metrics[0]["grad_norm"] > 0  # rewards differed: it learned
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps"] == 1 and report["kept_frac"] == metrics[-1]["kept_frac"]
+    # The numbers are the toy's own measurement of the base model and of the trained one (its last
+    # checkpoint), measured again here; the one step changed the model.
+    assert report["before"] == pytest.approx(copy_logprob(model, tokenizer, test_rows), rel=1e-5)
+    trained, _ = load_policy(out / "run" / "checkpoints" / "step_000001", dtype="float32", device="cpu")
+    assert report["after"] == pytest.approx(copy_logprob(trained, tokenizer, test_rows), rel=1e-5)
+    assert report["after"] != pytest.approx(report["before"], rel=1e-5)
+    md = (out / "report.md").read_text()
+    assert f"| log-prob of the copy | {report['before']:.4f} | {report['after']:.4f} |" in md
+    assert f"base model: log-prob {report['before']:.4f}" in result.output

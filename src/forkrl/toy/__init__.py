@@ -1,4 +1,8 @@
-"""The embedded toy: a tiny Countdown base model built from noisy-solver traces (`forkrl toy build`)."""
+"""The embedded toys: tiny base models built from scratch (`forkrl toy build`) and their RL demos (`forkrl demo`).
+
+A toy is one `ToyTask` (`forkrl.toy.task`), registered by name: Countdown (`forkrl.toy.build`,
+`forkrl.toy.demo`) and forecasting (`forkrl.toy.forecast_build`, `forkrl.toy.forecast_demo`).
+"""
 
 from forkrl.toy.build import (
     TOY_CHAT_TEMPLATE,
@@ -7,5 +11,15 @@ from forkrl.toy.build import (
     build_toy_tokenizer,
     toy_build_command,
 )
+from forkrl.toy.task import TOY_TASKS, ToyTask, register_toy_task
 
-__all__ = ["TOY_CHAT_TEMPLATE", "ToyBuildConfig", "build_toy_model", "build_toy_tokenizer", "toy_build_command"]
+__all__ = [
+    "TOY_CHAT_TEMPLATE",
+    "TOY_TASKS",
+    "ToyBuildConfig",
+    "ToyTask",
+    "build_toy_model",
+    "build_toy_tokenizer",
+    "register_toy_task",
+    "toy_build_command",
+]

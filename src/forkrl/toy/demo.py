@@ -5,30 +5,31 @@
 2. train it with the paper's defaults (DAPO losses, dynamic sampling, top-20% entropy tokens,
    kept-token normalizer) through the same `Trainer` a Qwen3 user runs;
 3. measure again, write plots and a `report.md`, and print a before/after table.
+
+`CountdownTask` is the Countdown toy (`--task countdown`): the build's hooks (`forkrl.toy.build`)
+and the demo's below; `forkrl.toy.task.run_toy_demo` runs the steps above.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import transformers
 
 from forkrl import fast_paths
-from forkrl.config import config_from_dict
-from forkrl.io import atomic_write_json, atomic_write_text, pyplot, save_figure
-from forkrl.models.loading import load_policy
+from forkrl.io import pyplot, save_figure
 from forkrl.rollout.base import SamplingParams
 from forkrl.rollout.hf import HFGenerationBackend
-from forkrl.tasks.countdown import problems_to_examples, score_countdown, write_problems_jsonl
-from forkrl.toy.recipe import SHIPPED_MODEL, toy_config_dict, toy_problems
+from forkrl.tasks.countdown import CountdownProblem, problems_to_examples, score_countdown, write_problems_jsonl
+from forkrl.toy.build import SHIPPED_MODEL, CountdownBuild
+from forkrl.toy.recipe import max_new_tokens_of, toy_config_dict, toy_problems
+from forkrl.toy.task import DemoReport, DemoRun
+
+__all__ = ["SHIPPED_MODEL", "CountdownTask", "Measurement", "measure"]
 
 DECODE_PHASE = 64
 """`rollout.decode_phase` of the demo's rollouts and evaluations: every 64 tokens only unfinished
@@ -216,106 +217,58 @@ def _table(base: Measurement, final: Measurement, kept: float, k: int) -> str:
     )
 
 
-def run_demo(
-    steps: int = 50,
-    strategy: str = "top",
-    ratio: float = 0.2,
-    seed: int = 0,
-    out: str | os.PathLike = "runs/demo",
-    base_model: str | os.PathLike | None = None,
-    eval_problems: int = 256,
-    eval_k: int = 8,
-    overrides: list[str] | None = None,
-) -> dict[str, Any]:
-    """Run the whole demo; returns the before/after numbers (also in `OUT/report.json`).
+@dataclass
+class CountdownDemoData:
+    """The demo's problems: training (drawn with the demo's seed) and held-out (the build's evaluation set)."""
 
-    An earlier demo in `out` is kept, renamed `OUT.old-YYYYmmdd-HHMMSS` once this one's config is
-    known to be good (so `make demo` twice in a row just works and never mixes two runs in one
-    report); `out` is locked while the demo runs, so a second demo into it stops at once.
-    """
-    from forkrl.train.run_dir import RunDirectory
-
-    with RunDirectory(out, "overwrite") as run:
-        return _run_demo(
-            steps, strategy, ratio, seed, Path(out), base_model, eval_problems, eval_k, overrides, run.prepare
-        )
+    train: list[CountdownProblem]
+    test: list[CountdownProblem]
+    max_new_tokens: int
+    """The base model's response length limit (its build's), also the recipe's."""
 
 
-def _run_demo(
-    steps: int,
-    strategy: str,
-    ratio: float,
-    seed: int,
-    out: Path,
-    base_model: str | os.PathLike | None,
-    eval_problems: int,
-    eval_k: int,
-    overrides: list[str] | None,
-    prepare_out,
-) -> dict[str, Any]:
-    started = time.perf_counter()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
-    base = Path(base_model) if base_model else SHIPPED_MODEL
-    if not (base / "config.json").is_file():
-        raise FileNotFoundError(f"no toy base model at {base}: build one with `forkrl toy build --seed 0 --out {base}`")
-    out = Path(out)
-    # The same held-out problems as the build's evaluation (fixed seed), whatever the demo seed.
-    train_problems, test_problems = toy_problems(seed, base, eval_problems)
-    test_examples = problems_to_examples(test_problems)
+class CountdownTask(CountdownBuild):
+    """The Countdown toy: the build's hooks (`CountdownBuild`) and the demo's."""
 
-    # The config first: a bad override fails before any measuring. The hyperparameters are the
-    # recipe's (configs/toy_countdown.yaml, also the toy sweep's CONFIG); the command line sets
-    # the selection and the number of steps.
-    recipe = toy_config_dict(seed, out / "run", out / "data" / "train.jsonl", base=base)
-    recipe["selection"].update(strategy=strategy, ratio=ratio)
-    recipe["trainer"]["total_steps"] = steps
-    max_new_tokens = recipe["rollout"]["max_new_tokens"]
-    cfg = config_from_dict(
-        recipe,
-        overrides,
-        check_files=False,  # the data files are written just below, once the config is known to be good
-    )
-    prepare_out()  # nothing is written into OUT before this point
-    write_problems_jsonl(out / "data" / "train.jsonl", train_problems)
-    write_problems_jsonl(out / "data" / "test.jsonl", test_problems)
-    model, tokenizer = load_policy(base, dtype="float32", device="cpu")
-    fast_paths.reset()
-    before = measure(model, tokenizer, test_examples, eval_k, max_new_tokens, seed=seed + 1)
-    paths_before = fast_paths.status()  # the Trainer starts its own record
-    print(f"base model: Acc@{eval_k} {before.acc_at_k:.1f}%, Len@{eval_k} {before.len_at_k:.1f}", flush=True)
-    del model
+    eval_k = 8
+    """Samples per held-out problem (Acc@k, Len@k)."""
 
-    from forkrl.train.trainer import Trainer
+    def demo_data(self, seed: int, base: Path, num_eval: int) -> CountdownDemoData:
+        # The same held-out problems as the build's evaluation (fixed seed), whatever the demo seed.
+        train, test = toy_problems(seed, base, num_eval)
+        return CountdownDemoData(train, test, max_new_tokens_of(base))
 
-    trainer = Trainer(cfg)
-    last = trainer.train()
-    after = measure(trainer.model, tokenizer, test_examples, eval_k, max_new_tokens, seed=seed + 1)
+    def demo_recipe(self, seed: int, output_dir: Path, train_file: Path, base: Path) -> dict[str, Any]:
+        # configs/toy_countdown.yaml, also the toy sweep's CONFIG
+        return toy_config_dict(seed, output_dir, train_file, base=base)
 
-    run_dir = out / "run"
-    plots = _plots(run_dir, after, before, eval_k)
-    table = _table(before, after, float(last.get("kept_frac", float("nan"))), eval_k)
-    elapsed = time.perf_counter() - started
-    summary = {
-        "strategy": strategy,
-        "ratio": ratio,
-        "seed": seed,
-        "steps": steps,
-        "seconds": elapsed,
-        "before": {k: v for k, v in vars(before).items() if k != "entropies"},
-        "after": {k: v for k, v in vars(after).items() if k != "entropies"},
-        "kept_frac": last.get("kept_frac"),
-        # How the CPU was used (timings depend on it; see `forkrl.cli._omp_wait_policy`).
-        "threads": torch.get_num_threads(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default (spin)"),
-        # Which speed-ups ran (`forkrl.fast_paths`); a declined one is also warned about in the log.
-        "fast_paths": fast_paths.combine(paths_before, fast_paths.status()),
-        "transformers": transformers.__version__,
-    }
-    atomic_write_json(out / "report.json", summary)
-    atomic_write_text(out / "report.md", _report_md(summary, table, plots, eval_k, eval_problems))
-    print(table)
-    print(f"report: {out / 'report.md'} ({elapsed:.0f} s)")
-    return summary
+    def write_demo_data(self, data_dir: Path, data: CountdownDemoData, cfg) -> None:
+        write_problems_jsonl(data_dir / "train.jsonl", data.train)
+        write_problems_jsonl(data_dir / "test.jsonl", data.test)
+
+    def measure(self, model, tokenizer, data: CountdownDemoData, cfg, seed: int, out: Path, when: str) -> Measurement:
+        examples = problems_to_examples(data.test)
+        return measure(model, tokenizer, examples, self.eval_k, data.max_new_tokens, seed=seed)
+
+    def measurement_line(self, measured: Measurement) -> str:
+        return f"Acc@{self.eval_k} {measured.acc_at_k:.1f}%, Len@{self.eval_k} {measured.len_at_k:.1f}"
+
+    def report(self, run: DemoRun, before: Measurement, after: Measurement) -> DemoReport:
+        plots = _plots(run.out / "run", after, before, self.eval_k)
+        kept = run.last_metrics.get("kept_frac")
+        table = _table(before, after, float(run.last_metrics.get("kept_frac", float("nan"))), self.eval_k)
+        summary = {
+            "strategy": run.cfg.selection.strategy,
+            "ratio": run.cfg.selection.ratio,
+            "seed": run.seed,
+            "steps": run.steps,
+            "seconds": run.seconds(),
+            "before": {k: v for k, v in vars(before).items() if k != "entropies"},
+            "after": {k: v for k, v in vars(after).items() if k != "entropies"},
+            "kept_frac": kept,
+            **run.environment(),
+        }
+        return DemoReport(summary, _report_md(summary, table, plots, self.eval_k, run.num_eval), table)
 
 
 def _kinds_line(kinds: dict[str, float]) -> str:

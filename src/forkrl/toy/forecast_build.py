@@ -1,17 +1,15 @@
 """`forkrl toy build --task forecast`: a tiny, over-confident forecaster trained from scratch.
 
-The recipe of the Countdown toy (`forkrl.toy.build`) on another task:
+The forecast toy's part of the build (`forkrl.toy.task.build_base_model` runs it, as for Countdown):
 
 1. draw `num_traces` train-split games (`forkrl.tasks.forecast.matchups`) and one deliberately
    over-confident trace for each (``p = σ(confidence · true log-odds + noise)``);
-2. build a randomly initialised Qwen3-shaped model of the Countdown toy's sizes;
-3. supervised next-token training on prompt + trace + EOS, loss on the trace tokens only (the
-   Countdown build's loop: AdamW, warm-up then cosine decay, length-bucketed batches);
-4. measure it: sample one forecast per held-out test-split game at T = 1 and report its
-   calibration (`forkrl.analysis.calibration`) against the outcomes and the true probabilities;
-5. write an ordinary Hugging Face model directory plus ``toy_build.json``, atomically.
+2. (the skeleton: a randomly initialised Qwen3-shaped model of the Countdown toy's sizes,
+   supervised training on the traces);
+3. measure it: sample one forecast per held-out test-split game at T = 1 and report its
+   calibration (`forkrl.analysis.calibration`) against the outcomes and the true probabilities.
 
-Same seed and thread count, same weights.
+Same seed and thread count, same weights. The demo's half of the toy is `forkrl.toy.forecast_demo`.
 """
 
 from __future__ import annotations
@@ -20,8 +18,7 @@ import json
 import logging
 import os
 import random
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +27,7 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from forkrl.analysis.calibration import calibration_summary
-from forkrl.models.tiny import build_tiny_model, build_tiny_tokenizer
+from forkrl.models.tiny import build_tiny_tokenizer
 from forkrl.rollout.base import SamplingParams
 from forkrl.rollout.hf import HFGenerationBackend
 from forkrl.tasks.forecast import (
@@ -43,9 +40,11 @@ from forkrl.tasks.forecast import (
     rows_to_examples,
     trace_is_correct,
 )
-from forkrl.toy.build import BUILD_INFO_FILE, TOY_CHAT_TEMPLATE, _Sequence, _train, write_model_dir
+from forkrl.toy.supervised import ToyBuildSettings, ToyTraceData, TraceSequence
+from forkrl.toy.task import TOY_CHAT_TEMPLATE, ToyTask, build_base_model, build_command
 
 __all__ = [
+    "ForecastBuild",
     "ForecastBuildConfig",
     "SampledForecasts",
     "build_forecast_model",
@@ -57,39 +56,32 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class ForecastBuildConfig:
-    """Settings of `build_forecast_model`; every field is recorded in ``toy_build.json``."""
+SHIPPED_FORECAST_MODEL = Path(__file__).parent / "forecast_model"
+"""The over-confident toy forecaster shipped inside the package (`forkrl toy build --task forecast --seed 0`)."""
 
-    seed: int = 0
-    """Seeds the games, the traces, the initial weights, the batch order and the evaluation sampling."""
-    # --- data
-    num_traces: int = 60_000
-    """Training traces, one per game drawn i.i.d. from the train split (match-ups repeat)."""
+
+@dataclass
+class ForecastTraceData(ToyTraceData):
+    """How over-confident the training traces are."""
+
     confidence: float = 2.0
     """Over-confidence of the traces: their log-odds are this multiple of the true log-odds."""
     noise: float = 0.5
     """Standard deviation of the traces' log-odds noise (the spread of the base model's forecasts)."""
-    # --- model (the Countdown toy's sizes: about 1.0 M parameters)
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 512
+
+
+@dataclass
+class ForecastBuildConfig(ToyBuildSettings, ForecastTraceData):
+    """Settings of `build_forecast_model`; every field is recorded in ``toy_build.json``.
+
+    The model has the Countdown toy's sizes (about 1.0 M parameters) with a shorter context.
+    """
+
     max_position_embeddings: int = 128
-    # --- optimisation (fields read by `forkrl.toy.build._train`)
     steps: int = 2000
     """Optimizer steps of `batch_size` traces: the trace's arithmetic needs them (96% of held-out
     traces right after 2000)."""
-    batch_size: int = 128
-    lr: float = 4e-3
-    """Peak learning rate, reached after `warmup_steps`, then cosine decay to `min_lr_ratio` of it."""
-    min_lr_ratio: float = 0.1
     warmup_steps: int = 50
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    bf16: bool = True
-    """bfloat16 autocast in the training forward (weights and optimizer state stay float32)."""
     threads: int = 1
     """torch CPU threads during the build (restored afterwards). One: the matrices are too small for a
     second thread to pay, and the shipped model was built so (float sums depend on the thread count)."""
@@ -112,7 +104,7 @@ def build_forecast_tokenizer() -> PreTrainedTokenizerFast:
     return build_tiny_tokenizer(forecast_vocab(), chat_template=TOY_CHAT_TEMPLATE, model_max_length=128)
 
 
-def _encode(tokenizer, rows: list[ForecastRow], rng: random.Random, settings: TraceSettings) -> list[_Sequence]:
+def _encode(tokenizer, rows: list[ForecastRow], rng: random.Random, settings: TraceSettings) -> list[TraceSequence]:
     """prompt + trace + EOS per game; `choice` marks the forecast token (the one the trace draws)."""
     out = []
     for ex, row in zip(rows_to_examples(rows), rows):
@@ -120,7 +112,7 @@ def _encode(tokenizer, rows: list[ForecastRow], rng: random.Random, settings: Tr
         prompt = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]
         response = tokenizer(text, add_special_tokens=False)["input_ids"]
         choice = [False] * (len(response) - 1) + [True, False]  # the last trace token is the forecast
-        out.append(_Sequence(prompt + response + [tokenizer.eos_token_id], len(prompt), choice))
+        out.append(TraceSequence(prompt + response + [tokenizer.eos_token_id], len(prompt), choice))
     return out
 
 
@@ -190,72 +182,54 @@ def sample_forecasts(
     )
 
 
+class ForecastBuild(ToyTask):
+    """The forecast toy's build hooks (its demo hooks: `forkrl.toy.forecast_demo.ForecastTask`)."""
+
+    name = "forecast"
+    config_class = ForecastBuildConfig
+    shipped_model = SHIPPED_FORECAST_MODEL
+    label = "toy forecast model"
+    missing_label = "toy forecast model"
+
+    def tokenizer(self, config: ForecastBuildConfig) -> PreTrainedTokenizerFast:
+        return build_forecast_tokenizer()
+
+    def training_traces(self, config: ForecastBuildConfig, tokenizer) -> tuple[list[TraceSequence], dict[str, Any]]:
+        rows = generate_rows(config.num_traces, config.seed, "train")
+        return _encode(tokenizer, rows, random.Random(f"forecast-traces:{config.seed}"), config.traces()), {}
+
+    def evaluate(self, model, tokenizer, config: ForecastBuildConfig) -> dict[str, Any]:
+        if config.eval_rows <= 0:
+            return {}
+        test = generate_rows(config.eval_rows, config.eval_seed, "test")
+        sampled = sample_forecasts(
+            model, tokenizer, test, config.eval_max_new_tokens, config.seed, config.eval_batch_size
+        )
+        ev = {k: v for k, v in sampled.summary().items() if k not in ("table", "table_true")}
+        ev["sample"] = sampled.texts[0]
+        logger.info("toy forecast build: held-out Brier %.4f, ECE vs truth %.3f", ev["brier"], ev["ece_true"])
+        return {"eval": ev}
+
+    def headline(self, info: dict[str, Any]) -> str:
+        if "eval" not in info:
+            return ""
+        ev = info["eval"]
+        return (
+            f"; held-out Brier {ev['brier']:.4f} (Bayes {ev['bayes_brier']:.4f}), ECE {ev['ece']:.3f}, "
+            f"ECE vs truth {ev['ece_true']:.3f}, invalid {100 * ev['invalid_fraction']:.1f}%"
+        )
+
+
 def build_forecast_model(
     out_dir: str | os.PathLike, config: ForecastBuildConfig | None = None, overwrite: bool = False, **overrides: Any
 ) -> Path:
-    """Train the over-confident toy forecaster and write it to `out_dir` (module docstring).
+    """Train the over-confident toy forecaster and write it to `out_dir` (`forkrl.toy.task.build_base_model`).
 
     An existing `out_dir` raises FileExistsError unless `overwrite`.
     """
-    config = ForecastBuildConfig(**{**asdict(config or ForecastBuildConfig()), **overrides})
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists (pass overwrite=True to replace it)")
-    started = time.perf_counter()
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
-    try:
-        tokenizer = build_forecast_tokenizer()
-        rows = generate_rows(config.num_traces, config.seed, "train")
-        seqs = _encode(tokenizer, rows, random.Random(f"forecast-traces:{config.seed}"), config.traces())
-        model = build_tiny_model(
-            tokenizer,
-            hidden_size=config.hidden_size,
-            num_layers=config.num_layers,
-            num_heads=config.num_heads,
-            num_kv_heads=config.num_kv_heads,
-            intermediate_size=config.intermediate_size,
-            max_position_embeddings=config.max_position_embeddings,
-            seed=config.seed,
-        )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            curve = _train(model, seqs, tokenizer.pad_token_id, config)
-        info: dict[str, Any] = {
-            "task": "forecast",
-            "config": asdict(config),
-            "num_parameters": sum(p.numel() for p in model.parameters()),
-            "final_loss": curve[-1]["loss"] if curve else None,
-            "loss_curve": curve,
-            "train_seconds": curve[-1]["seconds"] if curve else 0.0,
-            "torch_version": torch.__version__,
-        }
-        if config.eval_rows > 0:
-            test = generate_rows(config.eval_rows, config.eval_seed, "test")
-            sampled = sample_forecasts(
-                model, tokenizer, test, config.eval_max_new_tokens, config.seed, config.eval_batch_size
-            )
-            info["eval"] = {k: v for k, v in sampled.summary().items() if k not in ("table", "table_true")}
-            info["eval"]["sample"] = sampled.texts[0]
-            logger.info("toy forecast build: held-out Brier %.4f, ECE vs truth %.3f",
-                        info["eval"]["brier"], info["eval"]["ece_true"])  # fmt: skip
-        info["total_seconds"] = time.perf_counter() - started
-        write_model_dir(out, model, tokenizer, info)
-    finally:
-        torch.set_num_threads(previous_threads)
-    return out
+    return build_base_model(ForecastBuild(), out_dir, config, overwrite, **overrides)
 
 
 def forecast_build_command(seed: int, out: str | os.PathLike, overwrite: bool = False, **overrides: Any) -> Path:
     """What ``forkrl toy build --task forecast`` runs: build, then print the headline numbers."""
-    path = build_forecast_model(out, seed=seed, overwrite=overwrite, **overrides)
-    info = json.loads((path / BUILD_INFO_FILE).read_text())
-    line = f"toy forecast model written to {path}: final loss {info['final_loss']:.4f}"
-    if "eval" in info:
-        ev = info["eval"]
-        line += (
-            f"; held-out Brier {ev['brier']:.4f} (Bayes {ev['bayes_brier']:.4f}), ECE {ev['ece']:.3f}, "
-            f"ECE vs truth {ev['ece_true']:.3f}, invalid {100 * ev['invalid_fraction']:.1f}%"
-        )
-    print(line + f" ({info['total_seconds']:.0f} s)")
-    return path
+    return build_command(ForecastBuild(), seed, out, overwrite, **overrides)

@@ -10,53 +10,44 @@
    calibration`), `report.md` and `report.json`, and print a before/after table.
 
 The recipe part (`forecast_config_dict`, `forecast_sweep_setup`) fills in what the YAML cannot
-hold: the base model and the data files.
+hold: the base model and the data files. `ForecastTask` is the forecast toy (`--task forecast`):
+the build's hooks (`forkrl.toy.forecast_build`) and the demo's below; `forkrl.toy.task.run_toy_demo`
+runs the steps above.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import transformers
 import yaml
 
 from forkrl.analysis.calibration import reliability_diagram, sharpness_histogram
-from forkrl.config import config_from_dict
-from forkrl.io import atomic_write_json, atomic_write_text, pyplot, save_figure, write_once
-from forkrl.models.loading import load_policy
-from forkrl.tasks.forecast import check_outcomes, generate_rows, write_rows_jsonl
-from forkrl.toy.build import BUILD_INFO_FILE
-from forkrl.toy.forecast_build import sample_forecasts
+from forkrl.io import pyplot, save_figure, write_once
+from forkrl.tasks.forecast import ForecastRow, check_outcomes, generate_rows, write_rows_jsonl
+from forkrl.toy.forecast_build import SHIPPED_FORECAST_MODEL, ForecastBuild, SampledForecasts, sample_forecasts
+from forkrl.toy.task import DemoReport, DemoRun, build_settings
 
 __all__ = [
     "FORECAST_RECIPE",
     "SHIPPED_FORECAST_MODEL",
+    "ForecastTask",
     "forecast_config_dict",
     "forecast_sweep_setup",
-    "run_forecast_demo",
 ]
 
 FORECAST_RECIPE = Path(__file__).parent / "toy_forecast.yaml"
 """The recipe, shipped in the package."""
-SHIPPED_FORECAST_MODEL = Path(__file__).parent / "forecast_model"
-"""The over-confident toy forecaster shipped inside the package (`forkrl toy build --task forecast --seed 0`)."""
 NUM_TRAIN_ROWS = 4096
 """Training games drawn per seed (the sampler cycles through them)."""
 NUM_EVAL_ROWS = 2048
 """Held-out test-split games (`--eval-problems` default)."""
 BINS = 10
 """Equal-width bins of the reported ECE and reliability diagrams (those of the reward)."""
-
-
-def _build_settings(base: Path) -> dict[str, Any]:
-    info = base / BUILD_INFO_FILE
-    return json.loads(info.read_text())["config"] if info.is_file() else {}
 
 
 def forecast_config_dict(
@@ -82,7 +73,7 @@ def forecast_sweep_setup(data_dir: str | os.PathLike, seed: int) -> list[str]:
     Each file is written once; a file already there must hold exactly these games."""
     data_dir = Path(data_dir)
     train = _write_games_once(data_dir / f"forecast_train_seed_{seed}.jsonl", generate_rows(NUM_TRAIN_ROWS, seed))
-    eval_seed = int(_build_settings(SHIPPED_FORECAST_MODEL).get("eval_seed", 1234))
+    eval_seed = int(build_settings(SHIPPED_FORECAST_MODEL).get("eval_seed", 1234))
     test = _write_games_once(data_dir / "forecast_test.jsonl", generate_rows(NUM_EVAL_ROWS, eval_seed, "test"))
     return [
         f"model.name={SHIPPED_FORECAST_MODEL}",
@@ -136,103 +127,77 @@ def _table(before: dict, after: dict, limits: dict) -> str:
     return "\n".join(lines)
 
 
-def run_forecast_demo(
-    steps: int = 100,
-    strategy: str | None = None,
-    ratio: float | None = None,
-    seed: int = 0,
-    out: str | os.PathLike = "runs/demo_forecast",
-    base_model: str | os.PathLike | None = None,
-    eval_rows: int = NUM_EVAL_ROWS,
-    overrides: list[str] | None = None,
-) -> dict[str, Any]:
-    """Run the forecasting demo; returns the before/after numbers (also in `OUT/report.json`).
+@dataclass
+class ForecastDemoData:
+    """The demo's games: training (drawn with the demo's seed) and held-out (the build's evaluation games)."""
 
-    `strategy` / `ratio` None keep the recipe's (`all`). As `forkrl demo`: an earlier demo in `out`
-    is moved aside to `OUT.old-<time>` once the config is known to be good, and `out` is locked
-    while the demo runs.
-    """
-    from forkrl.train.run_dir import RunDirectory
-
-    with RunDirectory(out, "overwrite") as run:
-        return _run(steps, strategy, ratio, seed, Path(out), base_model, eval_rows, overrides, run.prepare)
+    train: list[ForecastRow]
+    test: list[ForecastRow]
 
 
-def _run(steps, strategy, ratio, seed, out: Path, base_model, eval_rows, overrides, prepare_out) -> dict[str, Any]:
-    started = time.perf_counter()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
-    base = Path(base_model) if base_model else SHIPPED_FORECAST_MODEL
-    if not (base / "config.json").is_file():
-        raise FileNotFoundError(
-            f"no toy forecast model at {base}: build one with `forkrl toy build --task forecast --seed 0 --out {base}`"
-        )
-    build = _build_settings(base)
-    test_rows = generate_rows(eval_rows, int(build.get("eval_seed", 1234)), "test")
-    recipe = forecast_config_dict(seed, out / "run", out / "data" / "train.jsonl", base=base)
-    if strategy is not None:
-        recipe["selection"]["strategy"] = strategy
-    if ratio is not None:
-        recipe["selection"]["ratio"] = ratio
-    recipe["trainer"]["total_steps"] = steps
-    cfg = config_from_dict(recipe, overrides, check_files=False)  # the data file is written below
-    max_new_tokens = cfg.rollout.max_new_tokens  # the measurements sample as the training does
-    prepare_out()  # nothing is written into OUT before this point
-    train_file = write_rows_jsonl(out / "data" / "train.jsonl", generate_rows(NUM_TRAIN_ROWS, seed))
-    write_rows_jsonl(out / "data" / "test.jsonl", test_rows)
-    check_outcomes(str(train_file), cfg.data.answer_key)  # every row's outcome, before any training
-    questions = [r.matchup.question for r in test_rows]
+class ForecastTask(ForecastBuild):
+    """The forecast toy: the build's hooks (`ForecastBuild`) and the demo's."""
 
-    model, tokenizer = load_policy(base, dtype="float32", device="cpu")
-    before = sample_forecasts(model, tokenizer, test_rows, max_new_tokens, seed=seed + 1)
-    before.write_jsonl(out / "forecasts_before.jsonl", questions)
-    b = before.summary(BINS)
-    print(f"base model: Brier {b['brier']:.4f}, ECE vs truth {b['ece_true']:.3f}", flush=True)
-    del model
+    demo_steps = 100
+    demo_out = "runs/demo_forecast"
+    demo_eval = NUM_EVAL_ROWS
 
-    from forkrl.train.trainer import Trainer
+    def demo_data(self, seed: int, base: Path, num_eval: int) -> ForecastDemoData:
+        test = generate_rows(num_eval, int(build_settings(base).get("eval_seed", 1234)), "test")
+        return ForecastDemoData(generate_rows(NUM_TRAIN_ROWS, seed), test)
 
-    trainer = Trainer(cfg)
-    trainer.train()
-    after = sample_forecasts(trainer.model, tokenizer, test_rows, max_new_tokens, seed=seed + 1)
-    after.write_jsonl(out / "forecasts_after.jsonl", questions)
-    a = after.summary(BINS)
+    def demo_recipe(self, seed: int, output_dir: Path, train_file: Path, base: Path) -> dict[str, Any]:
+        return forecast_config_dict(seed, output_dir, train_file, base=base)
 
-    q = np.asarray([r.matchup.true_probability for r in test_rows])
-    limits = {
-        "bayes_brier": float(np.mean(q * (1 - q))),
-        "bayes_log_loss": float(-np.mean(q * np.log(q) + (1 - q) * np.log(1 - q))),
-    }
-    plots = [
-        reliability_diagram(
-            out / "reliability.png", {"base model": before.valid, f"after {steps} RL steps": after.valid}, BINS
-        ).name,
-        sharpness_histogram(out / "sharpness.png", {"base model": before.valid[0], "after RL": after.valid[0]}).name,
-        _reward_plot(out / "reward.png", out / "run"),
-    ]
-    table = _table(b, a, limits)
-    elapsed = time.perf_counter() - started
-    summary = {
-        "task": "forecast",
-        "reward": cfg.reward.function,
-        "strategy": cfg.selection.strategy,
-        "ratio": cfg.selection.ratio,
-        "seed": seed,
-        "steps": steps,
-        "seconds": elapsed,
-        "eval_rows": eval_rows,
-        "bins": BINS,
-        "limits": limits,
-        "before": {k: v for k, v in b.items() if k not in ("table", "table_true")},
-        "after": {k: v for k, v in a.items() if k not in ("table", "table_true")},
-        "threads": torch.get_num_threads(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default (spin)"),
-        "transformers": transformers.__version__,
-    }
-    atomic_write_json(out / "report.json", summary)
-    atomic_write_text(out / "report.md", _report_md(summary, table, plots))
-    print(table)
-    print(f"report: {out / 'report.md'} ({elapsed:.0f} s)")
-    return summary
+    def write_demo_data(self, data_dir: Path, data: ForecastDemoData, cfg) -> None:
+        train_file = write_rows_jsonl(data_dir / "train.jsonl", data.train)
+        write_rows_jsonl(data_dir / "test.jsonl", data.test)
+        check_outcomes(str(train_file), cfg.data.answer_key)  # every row's outcome, before any training
+
+    def measure(self, model, tokenizer, data: ForecastDemoData, cfg, seed: int, out: Path, when: str):
+        # The measurements sample as the training does (its response length limit).
+        sampled = sample_forecasts(model, tokenizer, data.test, cfg.rollout.max_new_tokens, seed=seed)
+        sampled.write_jsonl(out / f"forecasts_{when}.jsonl", [r.matchup.question for r in data.test])
+        return sampled
+
+    def measurement_line(self, measured: SampledForecasts) -> str:
+        b = measured.summary(BINS)
+        return f"Brier {b['brier']:.4f}, ECE vs truth {b['ece_true']:.3f}"
+
+    def report(self, run: DemoRun, before: SampledForecasts, after: SampledForecasts) -> DemoReport:
+        b, a = before.summary(BINS), after.summary(BINS)
+        test_q = np.asarray(before.true_p)
+        limits = {
+            "bayes_brier": float(np.mean(test_q * (1 - test_q))),
+            "bayes_log_loss": float(-np.mean(test_q * np.log(test_q) + (1 - test_q) * np.log(1 - test_q))),
+        }
+        out = run.out
+        plots = [
+            reliability_diagram(
+                out / "reliability.png", {"base model": before.valid, f"after {run.steps} RL steps": after.valid}, BINS
+            ).name,
+            sharpness_histogram(
+                out / "sharpness.png", {"base model": before.valid[0], "after RL": after.valid[0]}
+            ).name,
+            _reward_plot(out / "reward.png", out / "run"),
+        ]
+        table = _table(b, a, limits)
+        summary = {
+            "task": "forecast",
+            "reward": run.cfg.reward.function,
+            "strategy": run.cfg.selection.strategy,
+            "ratio": run.cfg.selection.ratio,
+            "seed": run.seed,
+            "steps": run.steps,
+            "seconds": run.seconds(),
+            "eval_rows": run.num_eval,
+            "bins": BINS,
+            "limits": limits,
+            "before": {k: v for k, v in b.items() if k not in ("table", "table_true")},
+            "after": {k: v for k, v in a.items() if k not in ("table", "table_true")},
+            **run.environment(with_fast_paths=False),
+        }
+        return DemoReport(summary, _report_md(summary, table, plots), table)
 
 
 def _report_md(s: dict, table: str, plots: list[str]) -> str:

@@ -12,7 +12,6 @@ writes the data once into the sweep directory and never rewrites a file that is 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -21,12 +20,11 @@ import yaml
 
 from forkrl.io import write_once
 from forkrl.tasks.countdown import CountdownProblem, generate_problems, write_problems_jsonl
-from forkrl.toy.build import BUILD_INFO_FILE
+from forkrl.toy.build import SHIPPED_MODEL
+from forkrl.toy.task import build_settings
 
 TOY_RECIPE = Path(__file__).parent / "toy_countdown.yaml"
 """The recipe, shipped in the package (`configs/toy_countdown.yaml` is a link to it)."""
-SHIPPED_MODEL = Path(__file__).parent / "base_model"
-"""The toy base model shipped inside the package (built by `forkrl toy build --seed 0`)."""
 NUM_TRAIN_PROBLEMS = 4096
 """Training problems drawn per seed (with repeats: the sampler cycles through them)."""
 NUM_TEST_PROBLEMS = 256
@@ -36,12 +34,6 @@ NUM_TEST_PROBLEMS = 256
 def load_toy_recipe() -> dict[str, Any]:
     """The recipe as a nested dict (model and data still empty)."""
     return yaml.safe_load(TOY_RECIPE.read_text(encoding="utf-8"))
-
-
-def build_settings(base: str | os.PathLike) -> dict[str, Any]:
-    """The `forkrl toy build` settings of a base model (`toy_build.json`), {} when it has none."""
-    info = Path(base) / BUILD_INFO_FILE
-    return json.loads(info.read_text())["config"] if info.is_file() else {}
 
 
 def toy_problems(
