@@ -53,3 +53,24 @@ def test_seeds_and_baseline():
     assert find_baseline("selection.ratio=0.20", cells) == cells[1]  # values compare as YAML
     with pytest.raises(ConfigError, match="matches no cell"):
         find_baseline("selection.strategy=random", cells)
+
+
+def test_a_resumed_run_matches_the_backends_choice_for_auto(tmp_path):
+    """The trainer records `loss.rollout_correction: auto` as the value it used (hf: none), so a
+    killed sweep run resumes; a run that used another value is still refused, naming the key."""
+    from forkrl.config import config_from_dict, dump_config
+    from forkrl.sweep.runner import check_same_config
+
+    base = ["model.name=Qwen/Qwen3-0.6B", "data.train_files=[train.jsonl]"]
+    intended = config_from_dict({}, [*base, "loss.rollout_correction=auto"], check_files=False)
+    for used, refused in (("none", False), ("tis", True)):
+        run = tmp_path / used
+        run.mkdir()
+        (run / "config.yaml").write_text(
+            dump_config(config_from_dict({}, [*base, f"loss.rollout_correction={used}"], check_files=False))
+        )
+        if refused:
+            with pytest.raises(ConfigError, match=r"loss\.rollout_correction: 'tis' there, 'none' now"):
+                check_same_config(run, intended)
+        else:
+            check_same_config(run, intended)
