@@ -254,3 +254,28 @@ def _finite(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_finite(v) for v in obj]
     return obj
+
+
+def jsonl_objects(path: str | os.PathLike, error: type[Exception]) -> Iterator[tuple[str, dict]]:
+    """(`PATH: line N`, object) for each non-blank line of a jsonl file.
+
+    The file is read as bytes and decoded line by line, so a bad byte is reported with its line
+    number instead of as an offset into the whole file. A line that is not UTF-8, not JSON or not
+    a JSON object raises `error` with one line naming the file and line.
+    """
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            where = f"{os.fspath(path)}: line {line_no}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise error(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+            if not line.strip():
+                continue  # blank lines (often a trailing newline) carry no row
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise error(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise error(f"{where}: expected a JSON object, got {type(row).__name__}")
+            yield where, row

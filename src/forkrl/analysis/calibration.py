@@ -36,7 +36,6 @@ and left out of the metrics. The trainer's ``samples.jsonl`` reads with ``--outc
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -46,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from forkrl.errors import UserError
-from forkrl.io import atomic_write_json, pyplot, save_figure
+from forkrl.io import atomic_write_json, jsonl_objects, pyplot, save_figure
 
 # `forkrl.tasks.forecast` (and with it torch) is imported where it is used: `forkrl analyze --help`
 # imports this module for its command and should stay fast.
@@ -273,38 +272,24 @@ def load_forecasts(
     if not os.path.isfile(path):
         raise CalibrationInputError(f"{path}: no such file")
     ps, ys, qs, rows, invalid = [], [], [], 0, 0
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            where = f"{path}: line {line_no}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise CalibrationInputError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CalibrationInputError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise CalibrationInputError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            rows += 1
-            if outcome_key not in row:
-                raise CalibrationInputError(f"{where}: no outcome field {outcome_key!r} (its fields: {sorted(row)})")
-            try:
-                y = parse_outcome(row[outcome_key])
-            except ValueError as err:
-                raise CalibrationInputError(f"{where}: field {outcome_key!r}: {err}") from None
-            p = _forecast_of(row, forecast_key, text_keys, where)
-            if p is None:
-                invalid += 1
-                continue
-            ps.append(p)
-            ys.append(y)
-            q = row.get(true_key)
-            if q is not None and not (isinstance(q, (int, float)) and 0.0 <= q <= 1.0):
-                raise CalibrationInputError(f"{where}: field {true_key!r} must be a probability in [0, 1], got {q!r}")
-            qs.append(q)
+    for where, row in jsonl_objects(path, CalibrationInputError):
+        rows += 1
+        if outcome_key not in row:
+            raise CalibrationInputError(f"{where}: no outcome field {outcome_key!r} (its fields: {sorted(row)})")
+        try:
+            y = parse_outcome(row[outcome_key])
+        except ValueError as err:
+            raise CalibrationInputError(f"{where}: field {outcome_key!r}: {err}") from None
+        p = _forecast_of(row, forecast_key, text_keys, where)
+        if p is None:
+            invalid += 1
+            continue
+        ps.append(p)
+        ys.append(y)
+        q = row.get(true_key)
+        if q is not None and not (isinstance(q, (int, float)) and 0.0 <= q <= 1.0):
+            raise CalibrationInputError(f"{where}: field {true_key!r} must be a probability in [0, 1], got {q!r}")
+        qs.append(q)
     if rows == 0:
         raise CalibrationInputError(f"{path}: no rows")
     if not ps:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from forkrl.errors import UserError
+from forkrl.io import jsonl_objects
 
 __all__ = [
     "MISSING",
@@ -152,26 +153,12 @@ def read_file_rows(path: str, limit: int | None) -> list[tuple[str, dict]]:
 
 
 def _iter_jsonl(path: str, limit: int | None) -> Iterator[tuple[str, dict]]:
-    # Binary read, decoded line by line, so a bad byte is reported with its line number
-    # instead of as an offset into the whole file.
-    count = 0
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            if limit is not None and count >= limit:
-                return
-            where = f"{path}: line {line_no}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise PromptDataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from e
-            if not line.strip():
-                continue  # blank lines (often a trailing newline) carry no row
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PromptDataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from e
-            yield where, _require_object(row, where)
-            count += 1
+    if limit is not None and limit <= 0:
+        return
+    for count, item in enumerate(jsonl_objects(path, PromptDataError), start=1):
+        yield item
+        if count == limit:
+            return  # before reading further lines: a bad line after the limit is never parsed
 
 
 def _read_json(path: str) -> list[tuple[str, dict]]:
