@@ -114,8 +114,11 @@ def test_two_processes_equal_one_process(straight, vllm_model_dir, prompts_file,
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert all(r["rollout_mismatch_abs_max"] < PUSHED for r in _records(two))
     a, b = _weights(one, 2), _weights(two, 2)
+    # Same samples, same losses to ~1e-7; the weights differ by rounding only: 2 processes sum the
+    # gradient in another order, and Adam's g/(√v + ε) magnifies that where a gradient is tiny
+    # (measured up to 1.0e-5 with lr 1e-2). Other samples would move weights by ~lr = 1e-2.
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5, msg=key)
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-4, msg=key)
 
 
 def test_evaluation_goes_through_the_engine(vllm_model_dir, prompts_file, tmp_path, monkeypatch):
