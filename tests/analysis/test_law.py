@@ -216,3 +216,14 @@ def test_study_law_groups_residuals_and_exclusion(tmp_path):
         RunError, match=r"--exclude 'middle': no such group; the groups are 'all', 'bottom ρ=0.8', 'top ρ=0.2'"
     ):
         run_law([study], tmp_path / "out_bad", exclude=["middle"])
+
+
+def test_holdout_carries_the_recent_mean_forward_as_its_baseline():
+    # One run: performance 0.1·step for steps 1..10, fit on the first half. Carried forward: the
+    # mean of steps 1..5 is 0.3, so the held-out errors are 0.3, 0.4, ..., 0.7 and the RMSE is
+    # √(mean of their squares).
+    steps = np.arange(1, 11)
+    h = np.log(2.0 - 0.1 * steps)  # e^H = 2 − 0.1·step: R = −a·e^H + b exactly with a = 1, b = 2
+    hold = holdout_error([(h, 0.1 * steps)], 0.5)
+    assert hold.rmse == pytest.approx(0.0, abs=1e-9)
+    assert hold.carry_forward_rmse == pytest.approx(math.sqrt(np.mean([0.3**2, 0.4**2, 0.5**2, 0.6**2, 0.7**2])))

@@ -106,9 +106,15 @@ class HoldoutError:
     rmse: float
     mae: float
     max_abs: float
+    carry_forward_rmse: float
+    """The same points predicted without the law: each run's mean performance over its last
+    `CARRY_FORWARD` fitted steps, carried forward (what the law has to beat)."""
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "fit": self.fit.to_json()}
+
+
+CARRY_FORWARD = 5
 
 
 def _split(n: int, fit_fraction: float) -> int:
@@ -117,16 +123,19 @@ def _split(n: int, fit_fraction: float) -> int:
 
 def holdout_error(series: Sequence[tuple[np.ndarray, np.ndarray]], fit_fraction: float = 0.5) -> HoldoutError:
     """Fit on the first `fit_fraction` of the points of every (entropy, performance) series (in
-    training order), predict the remaining points, and report RMSE / MAE / max error on them."""
+    training order), predict the remaining points from their entropy, and report RMSE / MAE / max
+    error on them, beside the RMSE of carrying each series' recent performance forward."""
     if not 0.0 < fit_fraction < 1.0:
         raise ValueError(f"fit_fraction must be in (0, 1), got {fit_fraction}")
-    train_h, train_r, test_h, test_r = [], [], [], []
+    train_h, train_r, test_h, test_r, carried = [], [], [], [], []
     for h, r in series:
         k = _split(len(h), fit_fraction)
         train_h.append(h[:k])
         train_r.append(r[:k])
         test_h.append(h[k:])
         test_r.append(r[k:])
+        if k > 0:
+            carried.append(r[k:] - r[max(0, k - CARRY_FORWARD) : k].mean())
     th, tr = np.concatenate(train_h), np.concatenate(train_r)
     vh, vr = np.concatenate(test_h), np.concatenate(test_r)
     if vh.size == 0:
@@ -141,6 +150,7 @@ def holdout_error(series: Sequence[tuple[np.ndarray, np.ndarray]], fit_fraction:
         rmse=float(np.sqrt(np.mean(err**2))),
         mae=float(np.mean(np.abs(err))),
         max_abs=float(np.max(np.abs(err))),
+        carry_forward_rmse=float(np.sqrt(np.mean(np.concatenate(carried) ** 2))),
     )
 
 

@@ -197,14 +197,16 @@ def law_markdown(summary: dict[str, Any]) -> str:
             else "none (fewer than 2 runs, or --bootstrap 0)."
         ),
         "",
-        "| a | b | ceiling b − a | R² | RMSE | held-out RMSE | held-out MAE |",
-        "|---|---|---|---|---|---|---|",
+        "| a | b | ceiling b − a | R² | RMSE | held-out RMSE | held-out MAE | carried forward RMSE |",
+        "|---|---|---|---|---|---|---|---|",
         f"| {_bracket(pooled['a'], boot.get('a'))} | {_bracket(pooled['b'], boot.get('b'))} | "
         f"{_bracket(pooled['ceiling'], boot.get('ceiling'))} | {_num(pooled['r2'])} | {_num(pooled['rmse'])} | "
-        f"{_num(hold.get('rmse'))} | {_num(hold.get('mae'))} |",
+        f"{_num(hold.get('rmse'))} | {_num(hold.get('mae'))} | {_num(hold.get('carry_forward_rmse'))} |",
         "",
         f"Held out: a fit on the first {100 * summary['fit_fraction']:g}% of every run's steps "
-        f"({hold.get('n_train', 'n/a')} points) predicts the rest ({hold.get('n_test', 'n/a')} points).",
+        f"({hold.get('n_train', 'n/a')} points) predicts the rest ({hold.get('n_test', 'n/a')} points) from "
+        "their entropy. Carried forward: the same points predicted without the law, by each run's mean "
+        "over its last 5 fitted steps.",
         "",
         "Per group: its own fit, and its runs' mean residual R − R̂(H) about the pooled curve "
         f"(mean [{CONFIDENCE:.0%} t interval] over the group's runs; *departs*: the interval excludes 0).",
