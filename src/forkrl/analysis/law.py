@@ -217,7 +217,7 @@ def run_law(
             f"fewer than 2 steps with both {entropy_key!r} and {accuracy_key!r} in "
             + ", ".join(str(run.metrics_file) for run in runs)
         )
-    groups = _groups(sources, runs, data)
+    groups, labels = _groups(sources, runs, data)
     unknown = sorted(set(exclude) - set(groups))
     if unknown:
         raise RunError(
@@ -252,7 +252,7 @@ def run_law(
             "holdout_error": pooled_hold_err,
         },
         "groups": _group_rows(pooled, groups, fit_fraction, exclude),
-        "runs": [_run_row(run, steps, h, r, key, fit_fraction, groups) for run, steps, h, r, key in data],
+        "runs": [_run_row(item, fit_fraction, label) for item, label in zip(data, labels)],
         "notes": notes,
         "outputs": [str(out / n) for n in ("law.json", "law.md", "law.png", "covariance.png")],
     }
@@ -261,14 +261,15 @@ def run_law(
     return summary
 
 
-def _groups(sources: list[RunSource], runs: list[Run], data) -> dict[str, list[tuple[Run, np.ndarray, np.ndarray]]]:
-    """Runs by group, in first-seen order: a sweep's cell, else runs whose configs differ only in seeds."""
+def _groups(sources: list[RunSource], runs: list[Run], data) -> tuple[dict[str, list], list[str]]:
+    """Runs by group, in first-seen order (a sweep's cell, else runs whose configs differ only in
+    seeds), as {label: [(run, H, R), ...]}, and each run's label in the order of `data`."""
     setting_label = {id(run): group.label for group in group_by_setting(runs) for run in group.runs}
+    labels = [cell_label(s.cell) if s.cell else setting_label[id(run)] for s, run in zip(sources, runs)]
     groups: dict[str, list[tuple[Run, np.ndarray, np.ndarray]]] = {}
-    for source, (run, _, h, r, _) in zip(sources, data):
-        label = cell_label(source.cell) if source.cell else setting_label[id(run)]
+    for label, (run, _, h, r, _) in zip(labels, data):
         groups.setdefault(label, []).append((run, h, r))
-    return groups
+    return groups, labels
 
 
 def _group_rows(pooled: LawFit, groups, fit_fraction: float, exclude: Sequence[str]) -> list[dict[str, Any]]:
@@ -289,10 +290,10 @@ def _group_rows(pooled: LawFit, groups, fit_fraction: float, exclude: Sequence[s
     return rows
 
 
-def _run_row(run: Run, steps, h, r, key: str, fit_fraction: float, groups) -> dict[str, Any]:
+def _run_row(item, fit_fraction: float, group: str) -> dict[str, Any]:
+    run, steps, h, r, key = item
     fit, fit_err = _try(fit_entropy_law, h, r)
     hold, hold_err = _try(holdout_error, [(h, r)], fit_fraction)
-    group = next((label for label, members in groups.items() if any(m[0] is run for m in members)), None)
     return {
         "name": run.name,
         "label": run.label,

@@ -239,3 +239,11 @@ BACKENDS["vllm"] = RegisteredBackend(
     "forkrl.rollout.vllm:build_vllm_backend",
     check_options="forkrl.rollout.vllm:check_engine_options",
 )
+
+
+def resolved_rollout_correction(setting: str, backend: str) -> str:
+    """`loss.rollout_correction` as a run uses it: the setting, or for `auto` the default of the
+    backend named `backend` (what the trainer records in `config.yaml`)."""
+    from forkrl.algo.losses import resolve_rollout_correction
+
+    return resolve_rollout_correction(setting, get_backend(backend).capabilities.rollout_correction)

@@ -101,9 +101,8 @@ def execute_job(job: SweepJob | dict) -> dict[str, Any]:
 
 def check_same_config(run_dir: Path, intended) -> None:
     """Refuse to continue a run whose saved config differs from what the sweep would run now."""
-    from forkrl.algo.losses import resolve_rollout_correction
     from forkrl.config import ConfigError, config_to_dict, load_config
-    from forkrl.rollout.registry import get_backend
+    from forkrl.rollout.registry import resolved_rollout_correction
 
     saved = run_dir / "config.yaml"
     if not saved.is_file():
@@ -111,10 +110,9 @@ def check_same_config(run_dir: Path, intended) -> None:
     old = config_to_dict(load_config(str(saved), check_files=False))
     new = config_to_dict(intended)
     # The trainer records the value it used for a setting left to the backend (`auto`).
-    loss = new.get("loss") or {}
-    if loss.get("rollout_correction") == "auto":
-        backend = get_backend((new.get("rollout") or {}).get("backend", "hf"))
-        loss["rollout_correction"] = resolve_rollout_correction("auto", backend.capabilities.rollout_correction)
+    new["loss"]["rollout_correction"] = resolved_rollout_correction(
+        intended.loss.rollout_correction, intended.rollout.backend
+    )
     changed = _diff(old, new)
     if changed:
         raise ConfigError(

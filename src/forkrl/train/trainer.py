@@ -36,14 +36,13 @@ import numpy as np
 import torch
 
 from forkrl import fast_paths
-from forkrl.algo.losses import resolve_rollout_correction
 from forkrl.config import Config, ConfigError, dump_config, load_config
 from forkrl.distributed import is_distributed, reduce_scalars
 from forkrl.errors import TrainingInterrupted, TrainingStopped
 from forkrl.extras import check_config_extras
 from forkrl.metrics import MetricSums
 from forkrl.rollout.base import Rollout
-from forkrl.rollout.registry import BackendContext, build_backend, get_backend
+from forkrl.rollout.registry import BackendContext, build_backend, get_backend, resolved_rollout_correction
 from forkrl.train.checkpoint import (
     CheckpointError,
     ResumePoint,
@@ -107,9 +106,7 @@ class Trainer:
         self.backend_caps = get_backend(cfg.rollout.backend).capabilities
         self.backend = self._build_backend()
         # `auto` becomes the backend's own choice, and config.yaml records the one used.
-        cfg.loss.rollout_correction = resolve_rollout_correction(
-            cfg.loss.rollout_correction, self.backend_caps.rollout_correction
-        )
+        cfg.loss.rollout_correction = resolved_rollout_correction(cfg.loss.rollout_correction, cfg.rollout.backend)
         self.optimizer, self.scheduler = build_optimizer(
             self.models.trainable_parameters(), cfg.optim, cfg.trainer.total_steps * self.ctx.updates_per_step
         )
